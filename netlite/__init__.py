@@ -1,0 +1,49 @@
+"""netlite: a NumPy-from-scratch, Caffe-style layer engine.
+
+The pycaffe-shaped entry points::
+
+    import netlite
+    netlite.set_mode_cpu()
+    netlite.set_cpu_engine("numba")
+    net = netlite.Net("lenet_train_test.prototxt", netlite.TRAIN)
+    out = net.forward()
+
+``import netlite`` needs only NumPy and protobuf; Numba and CuPy are
+imported when their engine is first used.
+"""
+
+from netlite import layers  # noqa: F401  (fills the layer registry)
+from netlite.backend import (
+    cpu_engine,
+    set_cpu_engine,
+    set_device,
+    set_mode_cpu,
+    set_mode_gpu,
+)
+from netlite.blob import Blob
+from netlite.errors import (
+    LabelError,
+    LayerSetupError,
+    NetliteError,
+    NonFiniteError,
+    PrototxtError,
+    ShapeError,
+    UnknownLayerTypeError,
+    WeightsFileError,
+)
+from netlite.gradient_check import GradientChecker, GradientCheckError
+from netlite.layer import TEST, TRAIN, Layer, LossLayer, NeuronLayer
+from netlite.net import Net
+from netlite.registry import create_layer, layer_class, layer_types, register_layer
+from netlite.rng import set_random_seed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Blob", "GradientCheckError", "GradientChecker", "LabelError", "Layer",
+    "LayerSetupError", "LossLayer", "Net", "NetliteError", "NeuronLayer",
+    "NonFiniteError", "PrototxtError", "ShapeError", "TEST", "TRAIN",
+    "UnknownLayerTypeError", "WeightsFileError", "cpu_engine", "create_layer",
+    "layer_class", "layer_types", "register_layer", "set_cpu_engine",
+    "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
+]
