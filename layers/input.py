@@ -30,7 +30,14 @@ class InputLayer(Layer):
             )
         for i, blob in enumerate(top):
             if shapes:
-                blob.reshape(shapes[i if len(shapes) > 1 else 0])
+                shape = shapes[i if len(shapes) > 1 else 0]
+                try:
+                    blob.reshape(shape)
+                except ValueError as exc:
+                    raise LayerSetupError(
+                        f"{self.describe()}: bad input_param.shape for top[{i}]: "
+                        f"{exc}"
+                    ) from None
 
     def reshape(self, bottom, top):
         # The caller owns the input shapes (Caffe's Input does the same).

@@ -36,6 +36,22 @@ from netlite.layer import TEST, TRAIN, Layer, LossLayer, NeuronLayer
 from netlite.net import Net
 from netlite.registry import create_layer, layer_class, layer_types, register_layer
 from netlite.rng import set_random_seed
+from netlite.sgd_solvers import (
+    AdaDeltaSolver,
+    AdaGradSolver,
+    AdamSolver,
+    NesterovSolver,
+    RMSPropSolver,
+    SGDSolver,
+)
+from netlite.solver import (
+    Solver,
+    SolverParameterError,
+    SolverStateError,
+    get_solver,
+    register_solver,
+    solver_types,
+)
 
 __version__ = "0.1.0"
 
@@ -46,4 +62,7 @@ __all__ = [
     "UnknownLayerTypeError", "WeightsFileError", "cpu_engine", "create_layer",
     "layer_class", "layer_types", "register_layer", "set_cpu_engine",
     "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
+    "AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver",
+    "RMSPropSolver", "SGDSolver", "Solver", "SolverParameterError",
+    "SolverStateError", "get_solver", "register_solver", "solver_types",
 ]

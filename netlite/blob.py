@@ -195,7 +195,7 @@ class Blob:
     @property
     def data(self):
         """The data array (a view; writes go to the blob)."""
-        return self._data[: self._count].reshape(self.shape)
+        return self._view(self._data)
 
     @data.setter
     def data(self, value):
@@ -204,7 +204,14 @@ class Blob:
     @property
     def diff(self):
         """The diff array (a view; writes go to the blob)."""
-        return self._diff[: self._count].reshape(self.shape)
+        return self._view(self._diff)
+
+    def _view(self, buffer):
+        if self._shape is None:
+            # Caffe's default blob (never reshaped) has no axes and count 0;
+            # a 0-axis view would claim one element, so give an empty 1-D one.
+            return buffer[:0]
+        return buffer[: self._count].reshape(self._shape)
 
     @diff.setter
     def diff(self, value):
@@ -366,7 +373,21 @@ class Blob:
         return self
 
     def shape_equals_proto_shape(self, shape):
-        """Caffe's ShapeEquals: exact, or legacy 4-D against the last axes."""
+        """Caffe's ShapeEquals: exact, or legacy 4-D against the last axes.
+
+        ``shape`` is a ``BlobProto`` (compared exactly as Caffe does: the
+        legacy num/channels/height/width fields against the blob's last four
+        legacy axes when the proto uses them, else ``shape.dim`` exactly) or
+        a tuple (a 4-tuple may also match the legacy way).
+        """
+        if hasattr(shape, "DESCRIPTOR"):  # a BlobProto message
+            legacy = ("num", "channels", "height", "width")
+            if any(shape.HasField(f) for f in legacy):
+                return self.num_axes <= 4 and all(
+                    getattr(shape, f) == self.legacy_shape(i - 4)
+                    for i, f in enumerate(legacy)
+                )
+            return tuple(int(d) for d in shape.shape.dim) == self.shape
         if tuple(shape) == self.shape:
             return True
         if len(shape) == 4 and self.num_axes <= 4:

@@ -153,24 +153,39 @@ class GradientChecker:
         For each such layer the net is forwarded (with ``inputs``), then the
         layer is checked exhaustively on its own bottom and top vectors,
         over its parameters and the bottoms the net backpropagates to.
-        Unlike Caffe's CheckGradientNet, the layers are not set up again
-        and label bottoms are left alone.
+        Unlike Caffe's CheckGradientNet, the layers are not set up again,
+        label bottoms are left alone, parameters the net does not learn
+        (``lr_mult: 0``, so ``param_propagate_down`` is False) are not
+        checked, and the loss-weight seeds in the top diffs, which the
+        checker's objective overwrites, are restored afterwards so the net
+        can go on training.
         """
         for name, value in inputs.items():
             net.blobs[name].data = value
-        for i, layer in enumerate(net.layers):
-            if not net.layer_need_backward[i]:
-                continue
-            net.forward_from_to(0, len(net.layers) - 1)
-            bottoms = [
-                j for j, need in enumerate(net.bottom_need_backward[i]) if need
-            ]
-            if not bottoms and not layer.blobs:
-                continue
-            self._exhaustive(layer, net.bottom_vecs[i], net.top_vecs[i], bottoms)
+        try:
+            for i, layer in enumerate(net.layers):
+                if not net.layer_need_backward[i]:
+                    continue
+                bottoms = [
+                    j for j, need in enumerate(net.bottom_need_backward[i]) if need
+                ]
+                params = [
+                    j for j in range(len(layer.blobs)) if layer.propagates_param(j)
+                ]
+                if not bottoms and not params:
+                    continue
+                net.forward_from_to(0, len(net.layers) - 1)
+                self._exhaustive(
+                    layer, net.bottom_vecs[i], net.top_vecs[i], bottoms, params
+                )
+        finally:
+            for layer, top in zip(net.layers, net.top_vecs):
+                for j, blob in enumerate(top):
+                    if layer.loss(j):
+                        blob.diff[...] = layer.loss(j)
 
     # ---------------------------------------------------------- internals
-    def _exhaustive(self, layer, bottom, top, check_bottom):
+    def _exhaustive(self, layer, bottom, top, check_bottom, param_ids=None):
         if not top:
             raise ValueError(
                 f"{layer.describe()}: exhaustive mode needs at least one top"
@@ -178,7 +193,9 @@ class GradientChecker:
         failures, checked = [], 0
         for top_id, blob in enumerate(top):
             for j in range(blob.count):
-                f, c = self._single(layer, bottom, top, check_bottom, top_id, j)
+                f, c = self._single(
+                    layer, bottom, top, check_bottom, top_id, j, param_ids=param_ids
+                )
                 failures += f
                 checked += c
         self._raise(layer, failures, checked)
@@ -189,11 +206,15 @@ class GradientChecker:
                 layer.describe(), failures, checked, self.threshold
             )
 
-    def _blobs_to_check(self, layer, bottom, check_bottom):
+    def _blobs_to_check(self, layer, bottom, check_bottom, param_ids=None):
         labels, blobs = [], []
         propagate_down = [False] * len(bottom)
         for i, blob in enumerate(layer.blobs):
+            # Every parameter diff is zeroed (layers accumulate into them),
+            # but only the requested ones are compared.
             blob.flat_diff[...] = 0
+            if param_ids is not None and i not in param_ids:
+                continue
             labels.append(f"param[{i}]")
             blobs.append(blob)
         if isinstance(check_bottom, (list, tuple)):
@@ -223,7 +244,7 @@ class GradientChecker:
         return _objective(top, top_id, top_data_id)
 
     def _single(self, layer, bottom, top, check_bottom, top_id, top_data_id,
-                element_wise=False):
+                element_wise=False, param_ids=None):
         if element_wise:
             if layer.blobs:
                 raise ValueError("element-wise checks need a layer without params")
@@ -235,7 +256,7 @@ class GradientChecker:
                         "element-wise checks need bottoms as large as the top"
                     )
         labels, blobs, propagate_down = self._blobs_to_check(
-            layer, bottom, check_bottom
+            layer, bottom, check_bottom, param_ids
         )
         self._forward_objective(layer, bottom, top, top_id, top_data_id)
         layer.backward(top, propagate_down, bottom)
@@ -260,7 +281,8 @@ class GradientChecker:
                     flat[k] = flat[k] + h
                     estimate = (plus - minus) / h / 2.0
                 feature = abs(float(flat[k]))
-                if self.kink - self.kink_range <= feature <= self.kink + self.kink_range:
+                if (self.kink - self.kink_range <= feature
+                        <= self.kink + self.kink_range):
                     continue
                 checked += 1
                 a = float(computed[k])

@@ -8,6 +8,8 @@ protobuf's ``line:column`` and the file name.
 
 import os
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 from google.protobuf import message as pb_message
@@ -164,9 +166,9 @@ def read_binary_net_param(path):
         raise WeightsFileError(
             f"{path}: not a Caffe .caffemodel (binary NetParameter): {exc}"
         ) from None
-    if not any(layer.blobs for layer in param.layer) and payload:
-        # Random bytes can decode into an empty message; a caffemodel without
-        # a single weight blob is not something we can load from.
+    if not any(layer.blobs for layer in param.layer):
+        # Random bytes (or an empty file) can decode into an empty message; a
+        # caffemodel without a single weight blob is not something to load.
         raise WeightsFileError(f"{path}: decodes as a NetParameter with no weights")
     return param
 
@@ -175,24 +177,54 @@ def load_npz_weights(path):
     """Read netlite ``.npz`` weights: ``{layer_name: [array, ...]}``.
 
     Keys are ``"<layer>/<index>"``.  Never unpickles (``allow_pickle=False``).
+
+    Raises
+    ------
+    WeightsFileError
+        When the file is not a readable .npz of numeric arrays with such keys.
     """
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise WeightsFileError(f"{path}: not a netlite .npz weights file: {exc}")
-    except OSError as exc:
-        raise WeightsFileError(f"{path}: cannot read as .npz: {exc}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise WeightsFileError(f"{path}: a .npy array, not an .npz archive")
+    # Open the file here so that it is closed even when NumPy fails half-way
+    # through (np.load leaks its own handle on a corrupt zip).
+    with open(path, "rb") as f:
+        try:
+            archive = np.load(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise WeightsFileError(
+                f"{path}: not a netlite .npz weights file: {exc}"
+            ) from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise WeightsFileError(f"{path}: a .npy array, not an .npz archive")
+        with archive:
+            return _read_npz_members(path, archive)
+
+
+def _read_npz_members(path, archive):
     weights = {}
-    with archive:
-        for key in archive.files:
-            layer, sep, index = key.rpartition("/")
-            if not sep or not index.isdigit():
-                raise WeightsFileError(
-                    f"{path}: key {key!r} is not '<layer>/<blob index>'"
-                )
-            weights.setdefault(layer, {})[int(index)] = archive[key]
+    for key in archive.files:
+        layer, sep, index = key.rpartition("/")
+        if not sep or not index.isdigit():
+            raise WeightsFileError(
+                f"{path}: key {key!r} is not '<layer>/<blob index>'"
+            )
+        # Members are read lazily: an object (pickled) array is refused here,
+        # at access time, with a ValueError; a damaged member fails to inflate.
+        try:
+            array = archive[key]
+        except ValueError as exc:
+            raise WeightsFileError(
+                f"{path}: member {key!r} cannot be read without unpickling "
+                f"({exc}); netlite .npz weights hold plain numeric arrays"
+            ) from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise WeightsFileError(
+                f"{path}: member {key!r} is damaged: {exc}"
+            ) from None
+        if array.dtype.kind not in "fiu":
+            raise WeightsFileError(
+                f"{path}: member {key!r} has dtype {array.dtype}; weights "
+                "must be numeric"
+            )
+        weights.setdefault(layer, {})[int(index)] = array
     return {
         name: [blobs[i] for i in sorted(blobs)] for name, blobs in weights.items()
     }

@@ -46,7 +46,7 @@ class Net:
     level : int
         NetState level.
     stages : sequence of str
-        NetState stages.
+        NetState stages, added to any the prototxt's ``state`` lists.
     device : {"cpu", "gpu"}, optional
         Defaults to the current mode.
 
@@ -269,7 +269,9 @@ class Net:
             value = float(getattr(spec, field))
             if has_list[lid]:
                 if value != values[lid]:
-                    raise LayerSetupError(f"shared param '{name}' has mismatched {field}")
+                    raise LayerSetupError(
+                        f"shared param '{name}' has mismatched {field}"
+                    )
             else:
                 has_list[lid] = True
                 values[lid] = value
@@ -612,8 +614,11 @@ def _with_state(param, phase, level, stages):
         raise ValueError(f"phase must be netlite.TRAIN or netlite.TEST, got {phase!r}")
     out.state.phase = phase
     out.state.level = int(level)
-    del out.state.stage[:]
-    out.state.stage.extend(stages)
+    # As Caffe's Net(file, phase, level, stages): the stages are added to
+    # those the prototxt's own state lists (phase and level are replaced).
+    if isinstance(stages, str):
+        stages = [stages]
+    out.state.stage.extend(s for s in stages if s not in out.state.stage)
     return out
 
 

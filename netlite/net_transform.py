@@ -97,13 +97,10 @@ def insert_splits(param):
             consumers[src] += 1
         for j, name in enumerate(layer.top):
             last_producer[name] = (i, j)
-        if layer.loss_weight and len(layer.loss_weight) != len(layer.top):
-            raise LayerSetupError(
-                f"layer '{layer.name}': loss_weight must be unspecified or given "
-                f"once per top ({len(layer.top)} tops, {len(layer.loss_weight)} "
-                "weights)"
-            )
-        for j, w in enumerate(layer.loss_weight):
+        # Only the listed tops can be fanned out; a loss layer may carry a
+        # weight for an automatic (unlisted) top, and the layer's own setup
+        # checks that the weights match its real number of tops.
+        for j, w in enumerate(layer.loss_weight[: len(layer.top)]):
             loss_weight_of[(i, j)] = w
             if w != 0:
                 consumers[(i, j)] += 1

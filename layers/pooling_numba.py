@@ -1,0 +1,122 @@
+"""Numba kernels for the Pooling layer's CPU engine.
+
+Each kernel runs one ``prange`` task per ``(n, c)`` channel plane: the
+planes are independent, so the parallel loops are race-free (overlapping
+windows inside a plane are summed by one task).  The window rules are
+Caffe's (docs/layers/pooling.md): window ``(i, j)`` starts at
+``(i * sh - ph, j * sw - pw)``; MAX clips it to the image, AVE clips its
+divisor to the padded image and its sum to the image.  No kernel
+allocates; float scalars come in with the arrays' dtype, so float32
+kernels stay float32.
+"""
+
+import numba
+from numba import prange
+
+
+@numba.njit(cache=False, parallel=True)
+def pool_max_fwd(x, y, argmax, kh, kw, sh, sw, ph, pw, lowest):
+    """Max pooling with Caffe's tie and padding rules.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    y : ndarray, shape (N, C, PH, PW), written
+    argmax : ndarray of int32, shape (N, C, PH, PW), written
+        Flat in-plane index ``h * W + w`` of each maximum; -1 when no
+        element beats ``lowest``.
+    kh, kw, sh, sw, ph, pw : int
+        Kernel, stride and pad.
+    lowest : scalar of x's dtype
+        The running maximum's start, -FLT_MAX; the test is strict, so the
+        first maximum in raster order wins ties and NaN never wins.
+    """
+    n_img, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    for task in prange(n_img * channels):
+        n = task // channels
+        c = task - n * channels
+        for i in range(out_h):
+            h0 = i * sh - ph
+            h1 = min(h0 + kh, height)
+            h0 = max(h0, 0)
+            for j in range(out_w):
+                w0 = j * sw - pw
+                w1 = min(w0 + kw, width)
+                w0 = max(w0, 0)
+                best = lowest
+                where = -1
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        v = x[n, c, h, w]
+                        if v > best:
+                            best = v
+                            where = h * width + w
+                y[n, c, i, j] = best
+                argmax[n, c, i, j] = where
+
+
+@numba.njit(cache=False, parallel=True)
+def pool_max_bwd(dy, argmax, dx):
+    """Overwrite ``dx`` with zeros, then ``dx[argmax] += dy`` per plane."""
+    n_img, channels, height, width = dx.shape
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    for task in prange(n_img * channels):
+        n = task // channels
+        c = task - n * channels
+        for h in range(height):
+            for w in range(width):
+                dx[n, c, h, w] = 0
+        for i in range(out_h):
+            for j in range(out_w):
+                where = argmax[n, c, i, j]
+                if where >= 0:
+                    dx[n, c, where // width, where % width] += dy[n, c, i, j]
+
+
+@numba.njit(cache=False, parallel=True)
+def pool_ave_fwd(x, y, area, kh, kw, sh, sw, ph, pw, zero):
+    """Average pooling: in-image sum over ``area[i, j]`` (the window
+    clipped to the padded image, precomputed by the layer in x's dtype).
+    ``zero`` is 0 in x's dtype (a ``0.0`` literal would make the sum
+    float64)."""
+    n_img, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    for task in prange(n_img * channels):
+        n = task // channels
+        c = task - n * channels
+        for i in range(out_h):
+            h0 = max(i * sh - ph, 0)
+            h1 = min(i * sh - ph + kh, height)
+            for j in range(out_w):
+                w0 = max(j * sw - pw, 0)
+                w1 = min(j * sw - pw + kw, width)
+                acc = zero
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        acc += x[n, c, h, w]
+                y[n, c, i, j] = acc / area[i, j]
+
+
+@numba.njit(cache=False, parallel=True)
+def pool_ave_bwd(dy, dx, area, kh, kw, sh, sw, ph, pw):
+    """Overwrite ``dx``: every in-image element of window ``(i, j)``
+    receives ``dy[i, j] / area[i, j]``."""
+    n_img, channels, height, width = dx.shape
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    for task in prange(n_img * channels):
+        n = task // channels
+        c = task - n * channels
+        for h in range(height):
+            for w in range(width):
+                dx[n, c, h, w] = 0
+        for i in range(out_h):
+            h0 = max(i * sh - ph, 0)
+            h1 = min(i * sh - ph + kh, height)
+            for j in range(out_w):
+                w0 = max(j * sw - pw, 0)
+                w1 = min(j * sw - pw + kw, width)
+                share = dy[n, c, i, j] / area[i, j]
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        dx[n, c, h, w] += share

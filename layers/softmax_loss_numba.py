@@ -1,0 +1,318 @@
+"""Numba kernels for SoftmaxWithLoss: fused softmax, label pick, loss.
+
+Pure functions on flat, C-contiguous arrays (``(outer, C, inner)`` view
+addressed as ``x[(i * C + c) * inner + k]``; positions ``p = i * inner +
+k``).  Imported lazily by
+:class:`netlite.layers.softmax_loss.SoftmaxWithLossLayer`.  See
+docs/layers/softmax_loss.md, "Numba engine".
+
+The forward never materialises the probabilities unless the layer has its
+second top: it keeps, per position, the max ``m_p`` and ``s_p = sum_c
+exp(x - m_p)`` (float64) and the checked label, and the backward
+recomputes ``prob = exp(x - m_p) / s_p`` on the fly.  That is one read of
+the scores in the forward and one read plus one write in the backward,
+against the reference's five full passes.  The exponential, the pairwise
+block reductions and the parallel/serial builds come from
+:mod:`netlite.layers.softmax_numba`.
+
+Label codes (``pos_label``): ``>= 0`` the class; :data:`IGNORED`;
+:data:`NOT_INTEGER`; :data:`OUT_OF_RANGE`.
+"""
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from netlite.layers.softmax_numba import (
+    BLOCK,
+    cast_like,
+    exp_nonpos,
+    num_chunks,
+    row_max_sumexp,
+    tile_width,
+)
+
+IGNORED = -1
+NOT_INTEGER = -2
+OUT_OF_RANGE = -3
+
+@numba.njit
+def label_code(value, n, has_ignore, ignore_label):
+    """Classify one float label: its class, or a negative code."""
+    if not value == np.floor(value):  # also true for NaN
+        return NOT_INTEGER
+    v = np.float64(value)
+    if has_ignore and v == np.float64(ignore_label):
+        return IGNORED
+    if v < 0 or v >= n:
+        return OUT_OF_RANGE
+    return np.int64(v)
+
+
+@numba.njit
+def _position_loss(p, like):
+    # -log(max(p, FLT_MIN)), p rounded to the blob's dtype first as the
+    # reference does; the log itself is taken in float64.
+    pd = cast_like(p, like)
+    floor = cast_like(1.1754943508222875e-38, like)  # FLT_MIN in any dtype
+    if pd < floor:
+        pd = floor
+    return -math.log(np.float64(pd))
+
+
+@numba.njit
+def _tally(pos_label, pos_loss):
+    # Serial: sum of the valid positions' losses, their count and the first
+    # invalid label (-1 when none).
+    total = 0.0
+    valid = 0
+    first_bad = -1
+    for p in range(pos_label.size):
+        code = pos_label[p]
+        if code >= 0:
+            total += pos_loss[p]
+            valid += 1
+        elif code < IGNORED and first_bad < 0:
+            first_bad = p
+    return total, valid, first_bad
+
+
+# -------------------------------------------------------------- row kernels
+def _loss_fwd_rows(x, label, outer, n, has_ignore, ignore_label, pos_max,
+                   pos_sum, pos_label, pos_loss, prob, write_prob, buf):
+    nchunks = buf.shape[0]
+    for t in prange(nchunks):
+        b = buf[t]
+        for i in range(t * outer // nchunks, (t + 1) * outer // nchunks):
+            code = label_code(label[i], n, has_ignore, ignore_label)
+            pos_label[i] = code
+            pos_loss[i] = 0.0
+            if code < 0 and not write_prob:
+                continue  # an ignored row contributes nothing anywhere
+            xr = x[i * n:(i + 1) * n]
+            m, s = row_max_sumexp(xr, b)
+            pos_max[i] = m
+            pos_sum[i] = s
+            sd = cast_like(s, m)
+            if write_prob:
+                pr = prob[i * n:(i + 1) * n]
+                for c in range(n):
+                    pr[c] = exp_nonpos(xr[c] - m) / sd
+            if code >= 0:
+                pos_loss[i] = _position_loss(exp_nonpos(xr[code] - m) / sd, m)
+    return _tally(pos_label[:outer], pos_loss[:outer])
+
+
+def _loss_bwd_rows(x, outer, n, pos_max, pos_sum, pos_label, scale, dx,
+                   nchunks):
+    for t in prange(nchunks):
+        for i in range(t * outer // nchunks, (t + 1) * outer // nchunks):
+            dxr = dx[i * n:(i + 1) * n]
+            code = pos_label[i]
+            if code < 0:
+                for c in range(n):
+                    dxr[c] = 0
+                continue
+            xr = x[i * n:(i + 1) * n]
+            m = pos_max[i]
+            sd = cast_like(pos_sum[i], m)
+            a = scale / sd
+            for c in range(n):
+                dxr[c] = exp_nonpos(xr[c] - m) * a
+            # (p - 1) * scale rather than p * scale - scale: no cancellation.
+            dxr[code] = (exp_nonpos(xr[code] - m) / sd - cast_like(1.0, m)) * scale
+
+
+# ---------------------------------------------------------- strided kernels
+def _loss_fwd_strided(x, label, outer, n, inner, has_ignore, ignore_label,
+                      pos_max, pos_sum, pos_label, pos_loss, prob, write_prob,
+                      width, nchunks):
+    tiles_per_outer = (inner + width - 1) // width
+    ntiles = outer * tiles_per_outer
+    for t in prange(nchunks):
+        for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
+            i = tile // tiles_per_outer
+            k0 = (tile % tiles_per_outer) * width
+            nk = min(width, inner - k0)
+            p0 = i * inner + k0
+            mk = pos_max[p0:p0 + nk]
+            sk = pos_sum[p0:p0 + nk]
+            base0 = i * n * inner + k0
+            for k in range(nk):
+                mk[k] = -np.inf
+                sk[k] = 0.0
+            for c in range(n):
+                xs = x[base0 + c * inner:base0 + c * inner + nk]
+                for k in range(nk):
+                    if xs[k] > mk[k]:
+                        mk[k] = xs[k]
+            for c in range(n):
+                xs = x[base0 + c * inner:base0 + c * inner + nk]
+                for k in range(nk):
+                    sk[k] += exp_nonpos(xs[k] - mk[k])
+            if write_prob:
+                for c in range(n):
+                    xs = x[base0 + c * inner:base0 + c * inner + nk]
+                    ps = prob[base0 + c * inner:base0 + c * inner + nk]
+                    for k in range(nk):
+                        ps[k] = exp_nonpos(xs[k] - mk[k]) / cast_like(sk[k], mk[k])
+            for k in range(nk):
+                p = p0 + k
+                code = label_code(label[p], n, has_ignore, ignore_label)
+                pos_label[p] = code
+                pos_loss[p] = 0.0
+                if code >= 0:
+                    m = mk[k]
+                    e = exp_nonpos(x[base0 + code * inner + k] - m)
+                    pos_loss[p] = _position_loss(e / cast_like(sk[k], m), m)
+    npos = outer * inner
+    return _tally(pos_label[:npos], pos_loss[:npos])
+
+
+def _loss_bwd_strided(x, outer, n, inner, pos_max, pos_sum, pos_label, scale,
+                      dx, buf):
+    nchunks, width = buf.shape
+    tiles_per_outer = (inner + width - 1) // width
+    ntiles = outer * tiles_per_outer
+    for t in prange(nchunks):
+        ak = buf[t]
+        for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
+            i = tile // tiles_per_outer
+            k0 = (tile % tiles_per_outer) * width
+            nk = min(width, inner - k0)
+            p0 = i * inner + k0
+            mk = pos_max[p0:p0 + nk]
+            sk = pos_sum[p0:p0 + nk]
+            lk = pos_label[p0:p0 + nk]
+            base0 = i * n * inner + k0
+            zero = cast_like(0.0, scale)
+            for k in range(nk):
+                ak[k] = scale / cast_like(sk[k], scale) if lk[k] >= 0 else zero
+            for c in range(n):
+                xs = x[base0 + c * inner:base0 + c * inner + nk]
+                ds = dx[base0 + c * inner:base0 + c * inner + nk]
+                for k in range(nk):
+                    ds[k] = exp_nonpos(xs[k] - mk[k]) * ak[k]
+            for k in range(nk):
+                code = lk[k]
+                if code >= 0:
+                    j = base0 + code * inner + k
+                    sd = cast_like(sk[k], scale)
+                    dx[j] = (exp_nonpos(x[j] - mk[k]) / sd - cast_like(1.0, scale)) * scale
+                else:
+                    # Ignored: exactly 0 even where the scores are not finite.
+                    for c in range(n):
+                        dx[base0 + c * inner + k] = 0
+
+
+_KERNELS = {}
+
+
+def _jit(fn, parallel):
+    key = (fn.__name__, parallel)
+    if key not in _KERNELS:
+        _KERNELS[key] = numba.njit(parallel=parallel, cache=False)(fn)
+    return _KERNELS[key]
+
+
+# ------------------------------------------------------------------- API
+class Workspace:
+    """Per-position statistics and scratch a layer keeps between calls.
+
+    ``pos_max`` (dtype) and ``pos_sum`` (float64): the softmax statistics
+    of every position; ``pos_label`` (int64): the label codes;
+    ``pos_loss`` (float64): each position's loss; ``buf``: scratch rows.
+    All grow and never shrink, like a Blob.
+    """
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.pos_max = np.empty(0, self.dtype)
+        self.pos_sum = np.empty(0, np.float64)
+        self.pos_label = np.empty(0, np.int64)
+        self.pos_loss = np.empty(0, np.float64)
+        self.buf = np.empty((0, 0), self.dtype)
+        self.empty = np.empty(0, self.dtype)
+
+    def fit(self, npos, buf_shape):
+        if self.pos_max.size < npos:
+            self.pos_max = np.empty(npos, self.dtype)
+            self.pos_sum = np.empty(npos, np.float64)
+            self.pos_label = np.empty(npos, np.int64)
+            self.pos_loss = np.empty(npos, np.float64)
+        if self.buf.shape != buf_shape:
+            self.buf = np.empty(buf_shape, self.dtype)
+
+
+def softmax_loss_fwd(x, label, outer, n, inner, has_ignore, ignore_label, prob,
+                     parallel, ws):
+    """Fused forward.  Returns ``(loss_sum, valid_count, first_bad)``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (outer * n * inner,)
+        The scores, flat.
+    label : ndarray, shape (outer * inner,)
+        Labels stored as floats (same dtype as ``x``).
+    has_ignore, ignore_label : bool, int
+        ``loss_param.ignore_label`` and whether it is set.
+    prob : ndarray or None
+        When given (shape of ``x``), the probabilities are written to it.
+    parallel : bool
+        Use the multi-threaded build.
+    ws : Workspace
+        Receives the per-position statistics the backward needs.
+
+    Returns
+    -------
+    loss_sum : float
+        Sum over valid positions of ``-log(max(prob, FLT_MIN))`` (float64
+        accumulation); NaN when a valid position's scores are not finite.
+    valid_count : int
+    first_bad : int
+        Flat label index of the first label that is neither a class in
+        ``[0, n)`` nor ``ignore_label`` (``-1`` when all are fine); its
+        code is ``ws.pos_label[first_bad]``.
+    """
+    write_prob = prob is not None
+    prob = prob if write_prob else ws.empty
+    ignore_label = int(ignore_label)
+    if inner == 1:
+        ws.fit(outer, (num_chunks(parallel, outer), BLOCK))
+        return _jit(_loss_fwd_rows, parallel)(
+            x, label, outer, n, has_ignore, ignore_label, ws.pos_max,
+            ws.pos_sum, ws.pos_label, ws.pos_loss, prob, write_prob, ws.buf,
+        )
+    width = tile_width(n, inner)
+    tiles = outer * ((inner + width - 1) // width)
+    ws.fit(outer * inner, (num_chunks(parallel, tiles), width))
+    return _jit(_loss_fwd_strided, parallel)(
+        x, label, outer, n, inner, has_ignore, ignore_label, ws.pos_max,
+        ws.pos_sum, ws.pos_label, ws.pos_loss, prob, write_prob, width,
+        ws.buf.shape[0],
+    )
+
+
+def softmax_loss_bwd(x, outer, n, inner, scale, dx, parallel, ws):
+    """``dx = scale * (prob - onehot)``, 0 at ignored positions, from the
+    statistics the last :func:`softmax_loss_fwd` left in ``ws``.
+
+    ``scale`` is ``loss_weight / normalizer`` (a scalar of ``x``'s dtype).
+    """
+    scale = x.dtype.type(scale)
+    if inner == 1:
+        nchunks = num_chunks(parallel, outer)
+        _jit(_loss_bwd_rows, parallel)(
+            x, outer, n, ws.pos_max, ws.pos_sum, ws.pos_label, scale, dx,
+            nchunks,
+        )
+    else:
+        width = tile_width(n, inner)
+        tiles = outer * ((inner + width - 1) // width)
+        ws.fit(outer * inner, (num_chunks(parallel, tiles), width))
+        _jit(_loss_bwd_strided, parallel)(
+            x, outer, n, inner, ws.pos_max, ws.pos_sum, ws.pos_label, scale,
+            dx, ws.buf,
+        )

@@ -1,0 +1,393 @@
+"""Numba kernels for Softmax (and the row statistics SoftmaxWithLoss reuses).
+
+Pure functions on flat, C-contiguous arrays: the ``(outer, C, inner)``
+view of a blob is addressed as ``x[(i * C + c) * inner + k]``.  Imported
+lazily by :class:`netlite.layers.softmax.SoftmaxLayer` (``import netlite``
+does not import Numba).  See docs/layers/softmax.md, "Numba engine".
+
+Design
+------
+* **Rows** (``inner == 1``, the classifier case): one pass over each row
+  computes its max ``m`` and ``s = sum_c exp(x_c - m)`` together (online
+  max / sum-exp, block by block), so a row is read once for the
+  statistics however long it is.
+* **Strided** (``inner > 1``): positions ``k`` are processed in tiles of
+  ``W`` neighbours, so every inner loop runs over contiguous ``k`` and
+  vectorises; the tile's statistics live in a scratch row.
+* **Vectorisation without fastmath.**  LLVM only vectorises loops whose
+  iterations are independent unless it may reassociate floating-point
+  sums (fastmath), which netlite does not allow.  Reductions are therefore
+  written as element-wise loops into a scratch block followed by a
+  pairwise (tree) reduction, each level of which is again element-wise.
+  The pairwise sum is also more accurate than a running sum.
+* **Exponential.**  Numba has no vector ``exp`` without Intel SVML, and a
+  scalar libm call per element would dominate the run time.  In float32
+  the kernels use :func:`exp_nonpos`, a Cephes-style ``expf`` (range
+  reduction by ``ln 2`` and a degree-6 polynomial; max relative error
+  about 1e-7, i.e. within one ulp of NumPy's) written in plain arithmetic
+  so that LLVM vectorises it.  Arguments are always ``x - max <= 0``.  In
+  float64 the kernels call ``math.exp``.
+* Work is split into ``nchunks`` contiguous ranges of rows (or tiles), one
+  per thread, each with its own scratch row: iterations are independent.
+  Every kernel comes in a parallel and a serial build; small problems use
+  the serial one because waking the thread pool costs microseconds.
+"""
+
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, overload
+
+#: Length of the scratch block used by the row kernels (fits in L1).
+BLOCK = 1024
+
+#: Target number of elements in one strided tile (``C * W``): small enough
+#: that the tile's second pass hits the L2 cache.
+TILE_ELEMENTS = 1 << 16
+
+#: Largest float32 whose exp is still a normal number: log(FLT_MIN).
+_LOG_FLT_MIN = -87.33654
+
+
+# ------------------------------------------------------------- scalar helpers
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """Reinterpret an int32 bit pattern as a float32 (free in registers)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@numba.njit
+def _expf_nonpos(d):
+    # Cephes expf: d = n ln2 + r with |r| <= ln2 / 2, exp(r) by a minimax
+    # polynomial, 2**n built directly in the exponent bits.  The split of
+    # ln2 into a short high part and a correction keeps n * ln2 exact.
+    lo = np.float32(_LOG_FLT_MIN)
+    dc = d if d > lo else lo
+    dc = dc if dc < np.float32(0.0) else np.float32(0.0)
+    nf = np.floor(dc * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = dc - nf * np.float32(0.693359375)
+    r = r - nf * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    two_n = _float32_from_bits(np.int32((np.int32(nf) + np.int32(127)) << 23))
+    res = p * two_n
+    # Below log(FLT_MIN) NumPy returns denormals; 0 differs by < 1.2e-38.
+    if d < lo:
+        res = np.float32(0.0)
+    if d != d:
+        res = d
+    return res
+
+
+def exp_nonpos(d):
+    """``exp(d)`` for ``d <= 0`` (or NaN), in the dtype of ``d``.
+
+    Jitted code only (a Numba overload): float32 uses the vectorisable
+    ``_expf_nonpos``; float64 uses ``math.exp``.
+    """
+    raise NotImplementedError("exp_nonpos is only callable from jitted code")
+
+
+@overload(exp_nonpos)
+def _exp_nonpos_overload(d):
+    if d == types.float32:
+        return lambda d: _expf_nonpos(d)
+    return lambda d: math.exp(d)
+
+
+def cast_like(value, ref):
+    """``value`` converted to the type of the scalar ``ref`` (jitted only)."""
+    raise NotImplementedError("cast_like is only callable from jitted code")
+
+
+@overload(cast_like)
+def _cast_like_overload(value, ref):
+    if ref == types.float32:
+        return lambda value, ref: np.float32(value)
+    return lambda value, ref: np.float64(value)
+
+
+@numba.njit
+def _pow2_at_least(n):
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+@numba.njit
+def _tree_max(b, n):
+    # Max of b[:n] by halving; b is padded with -inf up to a power of two.
+    # A NaN may or may not win, which is fine: the caller's sum of
+    # exp(x - max) turns any NaN in the row into a NaN sum either way.
+    p = _pow2_at_least(n)
+    for j in range(n, p):
+        b[j] = -np.inf
+    h = p // 2
+    while h > 0:
+        for j in range(h):
+            u = b[j]
+            v = b[j + h]
+            b[j] = u if u > v else v
+        h //= 2
+    return b[0]
+
+
+@numba.njit
+def _tree_sum(b, n):
+    # Pairwise sum of b[:n]; every level is an independent element-wise loop.
+    p = _pow2_at_least(n)
+    for j in range(n, p):
+        b[j] = 0
+    h = p // 2
+    while h > 0:
+        for j in range(h):
+            b[j] += b[j + h]
+        h //= 2
+    return b[0]
+
+
+@numba.njit
+def row_max_sumexp(xr, b):
+    """Return ``(m, s)`` for the row ``xr``: ``m = max``, ``s = sum
+    exp(xr - m)`` (``s`` in float64).
+
+    One pass, block by block (online softmax): each block of ``len(b)``
+    elements gets its own max ``mb`` and sum ``sb`` relative to it, and the
+    running pair is rescaled whenever the max grows.  NaN anywhere, or a
+    +inf, makes ``s`` NaN; a row that is entirely -inf gives ``m = -inf``
+    and ``s = 0`` (so ``exp(x - m) / s`` is NaN, as in the reference).
+    """
+    n = xr.size
+    width = b.size
+    m = cast_like(-np.inf, b[0])
+    s = 0.0
+    for start in range(0, n, width):
+        nb = min(width, n - start)
+        # Slices keep every index a non-negative loop counter, so Numba's
+        # negative-index wraparound does not block vectorisation.
+        seg = xr[start:start + nb]
+        for j in range(nb):
+            b[j] = seg[j]
+        mb = _tree_max(b, nb)
+        if mb == -np.inf:
+            continue  # every element contributes exp(-inf) = 0
+        for j in range(nb):
+            b[j] = exp_nonpos(seg[j] - mb)
+        sb = np.float64(_tree_sum(b, nb))
+        if mb > m:
+            s = s * math.exp(np.float64(m) - np.float64(mb)) + sb
+            m = mb
+        else:
+            s += sb * math.exp(np.float64(mb) - np.float64(m))
+    return m, s
+
+
+@numba.njit
+def row_dot(u, v, b):
+    """``sum(u * v)`` over two rows (pairwise per block, float64 across
+    blocks)."""
+    n = u.size
+    width = b.size
+    total = 0.0
+    for start in range(0, n, width):
+        nb = min(width, n - start)
+        us = u[start:start + nb]
+        vs = v[start:start + nb]
+        for j in range(nb):
+            b[j] = us[j] * vs[j]
+        total += np.float64(_tree_sum(b, nb))
+    return total
+
+
+# -------------------------------------------------------------- row kernels
+def _softmax_fwd_rows(x, y, outer, n, buf):
+    nchunks = buf.shape[0]
+    for t in prange(nchunks):
+        b = buf[t]
+        for i in range(t * outer // nchunks, (t + 1) * outer // nchunks):
+            xr = x[i * n:(i + 1) * n]
+            yr = y[i * n:(i + 1) * n]
+            m, s = row_max_sumexp(xr, b)
+            sd = cast_like(s, m)
+            # yr may alias xr (in place): each element is read before written.
+            for c in range(n):
+                yr[c] = exp_nonpos(xr[c] - m) / sd
+
+
+def _softmax_bwd_rows(y, dy, dx, outer, n, accumulate, buf):
+    nchunks = buf.shape[0]
+    for t in prange(nchunks):
+        b = buf[t]
+        for i in range(t * outer // nchunks, (t + 1) * outer // nchunks):
+            yr = y[i * n:(i + 1) * n]
+            dyr = dy[i * n:(i + 1) * n]
+            dxr = dx[i * n:(i + 1) * n]
+            dot = cast_like(row_dot(dyr, yr, b), b[0])
+            # dxr may alias dyr (in place): dot is complete before any write.
+            if accumulate:
+                for c in range(n):
+                    dxr[c] += (dyr[c] - dot) * yr[c]
+            else:
+                for c in range(n):
+                    dxr[c] = (dyr[c] - dot) * yr[c]
+
+
+# ---------------------------------------------------------- strided kernels
+def _softmax_fwd_strided(x, y, outer, n, inner, buf, acc):
+    nchunks, width = buf.shape
+    tiles_per_outer = (inner + width - 1) // width
+    ntiles = outer * tiles_per_outer
+    for t in prange(nchunks):
+        mk = buf[t]
+        sk = acc[t]
+        for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
+            i = tile // tiles_per_outer
+            k0 = (tile % tiles_per_outer) * width
+            nk = min(width, inner - k0)
+            base0 = i * n * inner + k0
+            for k in range(nk):
+                mk[k] = -np.inf
+                sk[k] = 0.0
+            for c in range(n):
+                base = base0 + c * inner
+                for k in range(nk):
+                    v = x[base + k]
+                    if v > mk[k]:
+                        mk[k] = v
+            for c in range(n):
+                base = base0 + c * inner
+                for k in range(nk):
+                    sk[k] += exp_nonpos(x[base + k] - mk[k])
+            for c in range(n):
+                base = base0 + c * inner
+                for k in range(nk):
+                    y[base + k] = exp_nonpos(x[base + k] - mk[k]) / cast_like(
+                        sk[k], mk[k]
+                    )
+
+
+def _softmax_bwd_strided(y, dy, dx, outer, n, inner, accumulate, acc):
+    nchunks, width = acc.shape
+    tiles_per_outer = (inner + width - 1) // width
+    ntiles = outer * tiles_per_outer
+    for t in prange(nchunks):
+        dk = acc[t]
+        for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
+            i = tile // tiles_per_outer
+            k0 = (tile % tiles_per_outer) * width
+            nk = min(width, inner - k0)
+            base0 = i * n * inner + k0
+            for k in range(nk):
+                dk[k] = 0.0
+            for c in range(n):
+                base = base0 + c * inner
+                for k in range(nk):
+                    dk[k] += dy[base + k] * y[base + k]
+            for c in range(n):
+                base = base0 + c * inner
+                for k in range(nk):
+                    j = base + k
+                    g = (dy[j] - cast_like(dk[k], y[j])) * y[j]
+                    if accumulate:
+                        dx[j] += g
+                    else:
+                        dx[j] = g
+
+
+_KERNELS = {}
+
+
+def _jit(fn, parallel):
+    """The parallel or serial build of ``fn`` (memoised; compiled lazily)."""
+    key = (fn.__name__, parallel)
+    if key not in _KERNELS:
+        _KERNELS[key] = numba.njit(parallel=parallel, cache=False)(fn)
+    return _KERNELS[key]
+
+
+def num_chunks(parallel, work_items):
+    """Number of independent work ranges: one per thread, at most one per
+    item."""
+    if not parallel:
+        return 1
+    return max(1, min(numba.get_num_threads(), work_items))
+
+
+def tile_width(n, inner):
+    """Width ``W`` of a strided tile for ``C = n`` channels."""
+    width = max(16, TILE_ELEMENTS // max(n, 1))
+    return min(inner, 1 << (width.bit_length() - 1))
+
+
+def scratch(dtype, nchunks, width):
+    """Scratch rows for a kernel call: ``(buf, acc)``, dtype and float64."""
+    return (np.empty((nchunks, width), dtype=dtype),
+            np.empty((nchunks, width), dtype=np.float64))
+
+
+# ------------------------------------------------------------------- API
+def softmax_fwd(x, y, outer, n, inner, parallel, buffers=None):
+    """Softmax of the ``(outer, n, inner)`` view of flat ``x`` into ``y``.
+
+    Parameters
+    ----------
+    x, y : ndarray, shape (outer * n * inner,)
+        Flat, contiguous, same dtype; ``y`` may be ``x``.
+    outer, n, inner : int
+        The view's dimensions (``n`` is Caffe's channel count ``C``).
+    parallel : bool
+        Use the multi-threaded build.
+    buffers : tuple of ndarray, optional
+        ``(buf, acc)`` from :func:`scratch` with the shape
+        :func:`scratch_shape` gives; allocated when omitted.
+    """
+    shape = scratch_shape(outer, n, inner, parallel)
+    if buffers is None or buffers[0].shape != shape or buffers[0].dtype != x.dtype:
+        buffers = scratch(x.dtype, *shape)
+    buf, acc = buffers
+    if inner == 1:
+        _jit(_softmax_fwd_rows, parallel)(x, y, outer, n, buf)
+    else:
+        _jit(_softmax_fwd_strided, parallel)(x, y, outer, n, inner, buf, acc)
+    return buffers
+
+
+def softmax_bwd(y, dy, dx, outer, n, inner, accumulate, parallel, buffers=None):
+    """``dx (+)= (dy - sum_c(dy * y)) * y`` over the ``(outer, n, inner)``
+    view (``accumulate`` adds instead of overwriting; ``dx`` may be
+    ``dy`` when overwriting)."""
+    shape = scratch_shape(outer, n, inner, parallel)
+    if buffers is None or buffers[0].shape != shape or buffers[0].dtype != y.dtype:
+        buffers = scratch(y.dtype, *shape)
+    buf, acc = buffers
+    if inner == 1:
+        _jit(_softmax_bwd_rows, parallel)(y, dy, dx, outer, n, accumulate, buf)
+    else:
+        _jit(_softmax_bwd_strided, parallel)(
+            y, dy, dx, outer, n, inner, accumulate, acc
+        )
+    return buffers
+
+
+def scratch_shape(outer, n, inner, parallel):
+    """``(nchunks, width)`` of the scratch rows a call needs."""
+    if inner == 1:
+        return num_chunks(parallel, outer), BLOCK
+    width = tile_width(n, inner)
+    tiles = outer * ((inner + width - 1) // width)
+    return num_chunks(parallel, tiles), width

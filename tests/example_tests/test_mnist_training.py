@@ -1,0 +1,123 @@
+"""End to end: Caffe's LeNet learns real MNIST, and the deploy net classifies.
+
+Trains examples/mnist/lenet_train_test.prototxt with Caffe's solver settings
+(lenet_solver.prototxt) for 300 iterations (about a third of an epoch) on
+the Numba engine, then scores 2,000 test images.  LeNet gets there to about
+97 %; the test asks for 95 %.  A broken backward pass anywhere in the stack
+(convolution, pooling, inner product, ReLU, softmax loss, solver update)
+leaves the net near chance (about 10 %), so this fails loudly.
+
+MNIST is found through netlite.datasets ($NETLITE_DATA, which CI sets to
+../shared/datasets); without it the tests skip and say where to put it.
+"""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+import netlite
+from netlite import backend, datasets, io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "examples", "mnist")
+TRAIN_ITERS = 300
+TEST_BATCHES = 20  # x 100 images
+
+pytestmark = pytest.mark.slow
+
+
+def _require_mnist():
+    try:
+        return datasets.find_dataset("mnist", download=False)
+    except datasets.DatasetNotFoundError:
+        pytest.skip(
+            "MNIST not found: set NETLITE_DATA to a directory with mnist/ in it "
+            "(the README's `make test` uses ../shared/datasets); see "
+            "docs/datasets.md"
+        )
+
+
+def _load_classify():
+    # examples/ is not a package: load the script as a module.
+    spec = importlib.util.spec_from_file_location(
+        "mnist_classify", os.path.join(EXAMPLE, "classify.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LeNet solver after TRAIN_ITERS iterations, and its weights file."""
+    _require_mnist()
+    engine = "numba" if backend.numba_available() else "numpy"
+    previous = backend.cpu_engine()
+    backend.set_cpu_engine(engine)
+    try:
+        param = io.read_solver_param(os.path.join(EXAMPLE, "lenet_solver.prototxt"))
+        param.net = os.path.join(EXAMPLE, "lenet_train_test.prototxt")
+        param.max_iter = TRAIN_ITERS
+        param.test_iter[:] = [TEST_BATCHES]
+        param.test_interval = 10 ** 6  # no test during training ...
+        param.test_initialization = False  # ... and none before it
+        param.snapshot = 0
+        param.snapshot_after_train = False
+        param.display = 0
+        solver = netlite.get_solver(param)
+        losses = []
+        solver.add_callback(on_iteration=lambda it, loss, smooth, lr:
+                            losses.append(loss))
+        solver.solve()
+        scores = solver.test(0)
+        weights = str(tmp_path_factory.mktemp("lenet") / "lenet.caffemodel")
+        solver.net.save(weights)
+    finally:
+        backend.set_cpu_engine(previous)
+    return solver, scores, losses, weights
+
+
+def test_lenet_learns_mnist(trained):
+    solver, scores, losses, _ = trained
+    assert solver.iter == TRAIN_ITERS
+    assert len(losses) == TRAIN_ITERS and np.all(np.isfinite(losses))
+    # ln(10) = 2.30 at the start; a working net is far below it by now.
+    assert np.mean(losses[:10]) > 1.5
+    assert np.mean(losses[-50:]) < 0.35, np.mean(losses[-50:])
+    assert scores["accuracy"] >= 0.95, scores
+
+
+def test_deploy_net_classifies_with_the_trained_weights(trained):
+    solver, _, _, weights = trained
+    classify = _load_classify()
+
+    images, labels = datasets.load_mnist("mnist", "test", download=False)
+    deploy = netlite.Net(os.path.join(EXAMPLE, "lenet.prototxt"), netlite.TEST,
+                         weights=weights)
+    probs = classify.classify(deploy, images[:1000], batch_size=500)
+    assert probs.shape == (1000, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    accuracy = float(np.mean(probs.argmax(axis=1) == labels[:1000]))
+    assert accuracy >= 0.95, accuracy
+
+    # The deploy net computes what the test net computes: the test net's
+    # first batch holds the first 100 test images (TEST data is not shuffled).
+    test_net = solver.test_nets[0]
+    test_net.forward()
+    np.testing.assert_array_equal(
+        backend.to_numpy(test_net.blobs["label"].data), labels[:100]
+    )
+    scores = backend.to_numpy(test_net.blobs["ip2"].data)
+    np.testing.assert_array_equal(scores.argmax(axis=1), probs[:100].argmax(axis=1))
+
+
+def test_classify_script_reports_accuracy(trained, capsys):
+    _, _, _, weights = trained
+    classify = _load_classify()
+    assert classify.main(["--weights", weights, "--count", "500", "--show", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("image ") == 3
+    line = next(x for x in out.splitlines() if x.startswith("Accuracy: "))
+    assert float(line.split()[1]) >= 0.95, line

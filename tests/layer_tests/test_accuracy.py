@@ -1,0 +1,320 @@
+"""Accuracy: ports of Caffe's test_accuracy_layer.cpp, plus ties, empty
+batches, label validation, NaN scores and the no-backward contract."""
+
+import numpy as np
+import pytest
+from layer_testing import filler, make_blob
+
+import netlite
+from netlite import Blob, LabelError, LayerSetupError, NonFiniteError, ShapeError
+from netlite.layers.accuracy import AccuracyLayer
+
+TOP_K = 3  # Caffe's fixture member top_k_
+
+
+class Fixture:
+    """Caffe's AccuracyLayerTest: scores (100, 10) Gaussian; labels (100,)
+    uniform in 0..9 from a generator seeded by the global one."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.data = Blob((100, 10), dtype=dtype)
+        self.label = Blob((100,), dtype=dtype)
+        self.top = Blob(dtype=dtype)
+        self.per_class = Blob(dtype=dtype)
+        self.fill_bottoms()
+
+    def fill_bottoms(self):
+        netlite.fillers.get_filler(filler("gaussian")).fill(self.data)
+        seed = int(netlite.rng.get_rng().integers(2**32))
+        labels = np.random.default_rng(seed).integers(0, 10, size=self.label.shape)
+        self.label.data[...] = labels
+
+    @property
+    def bottom(self):
+        return [self.data, self.label]
+
+
+@pytest.fixture
+def f(dtype):
+    return Fixture(dtype)
+
+
+def accuracy_layer(top_k=None, axis=None, ignore_label=None, name="acc"):
+    param = netlite.io.LayerParameter(name=name, type="Accuracy")
+    ap = param.accuracy_param
+    if top_k is not None:
+        ap.top_k = top_k
+    if axis is not None:
+        ap.axis = axis
+    if ignore_label is not None:
+        ap.ignore_label = ignore_label
+    return AccuracyLayer(param)
+
+
+def argmax_first(scores):
+    """Caffe's reference: scan classes from 0, keep a strictly greater one."""
+    best, best_id = -np.inf, 0
+    for j, v in enumerate(scores):
+        if v > best:
+            best, best_id = v, j
+    return best_id
+
+
+def reference(data, labels, ignore_label=None, num_classes=10):
+    """(accuracy, per-class accuracy) as Caffe's tests compute them."""
+    correct, count = 0, 0
+    seen = np.zeros(num_classes, int)
+    hits = np.zeros(num_classes, int)
+    for scores, label in zip(data, labels):
+        if ignore_label is not None and label == ignore_label:
+            continue
+        count += 1
+        seen[int(label)] += 1
+        if argmax_first(scores) == label:
+            correct += 1
+            hits[int(label)] += 1
+    per_class = np.where(seen > 0, hits / np.maximum(seen, 1), 0.0)
+    return correct / count, per_class, count
+
+
+def legacy_shape(blob):
+    return (blob.num, blob.channels, blob.height, blob.width)
+
+
+# ---------------------------------------------------------------- Caffe ports
+def test_setup(f):
+    accuracy_layer().setup(f.bottom, [f.top])
+    assert legacy_shape(f.top) == (1, 1, 1, 1)
+    assert f.top.shape == ()
+
+
+def test_setup_top_k(f):
+    accuracy_layer(top_k=5).setup(f.bottom, [f.top])
+    assert legacy_shape(f.top) == (1, 1, 1, 1)
+
+
+def test_setup_output_per_class(f):
+    accuracy_layer().setup(f.bottom, [f.top, f.per_class])
+    assert legacy_shape(f.top) == (1, 1, 1, 1)
+    assert legacy_shape(f.per_class) == (10, 1, 1, 1)
+
+
+def test_forward(f):
+    layer = accuracy_layer()
+    layer.setup(f.bottom, [f.top])
+    for _ in range(3):
+        layer.forward(f.bottom, [f.top])
+        expected, _, _ = reference(f.data.data, f.label.data)
+        assert abs(float(f.top.data) - expected) <= 1e-4
+
+
+def test_forward_with_spatial_axes(f):
+    f.data.reshape(2, 10, 4, 5)
+    f.label.reshape(2, 4, 5)
+    f.fill_bottoms()
+    layer = accuracy_layer(axis=1)
+    layer.setup(f.bottom, [f.top])
+    for _ in range(3):
+        layer.forward(f.bottom, [f.top])
+        correct = 0
+        for n in range(2):
+            for h in range(4):
+                for w in range(5):
+                    pred = argmax_first(f.data.data[n, :, h, w])
+                    correct += pred == int(f.label.data[n, h, w])
+        assert abs(float(f.top.data) - correct / f.label.count) <= 1e-4
+
+
+def _ignore_three(f):
+    f.label.data[[2, 5, 32]] = -1
+
+
+def test_forward_ignore_label(f):
+    layer = accuracy_layer(ignore_label=-1)
+    _ignore_three(f)
+    layer.setup(f.bottom, [f.top])
+    for _ in range(3):
+        layer.forward(f.bottom, [f.top])
+        expected, _, count = reference(f.data.data, f.label.data, ignore_label=-1)
+        assert count == 97
+        assert abs(float(f.top.data) - expected) <= 1e-4
+
+
+def test_forward_top_k(f):
+    layer = accuracy_layer(top_k=TOP_K)
+    layer.setup(f.bottom, [f.top])
+    for _ in range(3):
+        layer.forward(f.bottom, [f.top])
+        correct = 0
+        for scores, label in zip(f.data.data, f.label.data):
+            for j in range(10):
+                rank = int(np.sum(scores > scores[j]))
+                if rank < TOP_K and j == label:
+                    correct += 1
+        assert abs(float(f.top.data) - correct / 100) <= 1e-4
+
+
+def test_forward_per_class(f):
+    layer = accuracy_layer()
+    layer.setup(f.bottom, [f.top, f.per_class])
+    for _ in range(3):
+        layer.forward(f.bottom, [f.top, f.per_class])
+        expected, per_class, _ = reference(f.data.data, f.label.data)
+        assert abs(float(f.top.data) - expected) <= 1e-4
+        np.testing.assert_allclose(f.per_class.data, per_class, rtol=0, atol=1e-4)
+
+
+def test_forward_per_class_with_ignore_label(f):
+    layer = accuracy_layer(ignore_label=-1)
+    _ignore_three(f)
+    layer.setup(f.bottom, [f.top, f.per_class])
+    for _ in range(3):
+        layer.forward(f.bottom, [f.top, f.per_class])
+        expected, per_class, count = reference(
+            f.data.data, f.label.data, ignore_label=-1
+        )
+        assert count == 97
+        assert abs(float(f.top.data) - expected) <= 1e-4
+        np.testing.assert_allclose(f.per_class.data, per_class, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------ netlite extras
+def _run(layer, scores, labels, dtype, per_class=False):
+    bottom = [make_blob(np.shape(scores), dtype, scores),
+              make_blob(np.shape(labels), dtype, labels)]
+    top = [Blob(dtype=dtype)] + ([Blob(dtype=dtype)] if per_class else [])
+    layer.setup(bottom, top)
+    layer.forward(bottom, top)
+    return [t.data.copy() for t in top]
+
+
+def test_ties_count_against_the_true_class(dtype):
+    scores = [[1.0, 1.0, 0.0], [2.0, 2.0, 2.0], [0.0, 3.0, 3.0], [5.0, 1.0, 1.0]]
+    labels = [0, 2, 1, 0]
+    # argmax-first would call rows 0 and 3 correct; with ties against the
+    # true class only row 3 is (row 0: two classes >= the true score).
+    (acc,) = _run(accuracy_layer(), scores, labels, dtype)
+    assert float(acc) == 0.25
+    (acc,) = _run(accuracy_layer(top_k=2), scores, labels, dtype)
+    assert float(acc) == 0.75  # rows 0, 2 and 3
+    (acc,) = _run(accuracy_layer(top_k=3), scores, labels, dtype)
+    assert float(acc) == 1.0
+
+
+def test_top_k_equal_to_num_classes_is_always_right(f):
+    layer = accuracy_layer(top_k=10)
+    layer.setup(f.bottom, [f.top])
+    layer.forward(f.bottom, [f.top])
+    assert float(f.top.data) == 1.0
+
+
+def test_no_valid_label_gives_zero(dtype):
+    acc, per_class = _run(accuracy_layer(ignore_label=7), [[1.0, 2.0], [3.0, 0.0]],
+                          [7, 7], dtype, per_class=True)
+    assert float(acc) == 0.0
+    np.testing.assert_array_equal(per_class, [0.0, 0.0])
+
+
+def test_per_class_zero_for_unseen_class(dtype):
+    scores = [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    _, per_class = _run(accuracy_layer(), scores, [1, 2, 0], dtype, per_class=True)
+    np.testing.assert_array_equal(per_class, [1.0, 1.0, 0.0])
+
+
+def test_ignored_label_may_be_out_of_range(dtype):
+    (acc,) = _run(accuracy_layer(ignore_label=255), [[0.0, 1.0], [1.0, 0.0]],
+                  [1, 255], dtype)
+    assert float(acc) == 1.0
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_negative_axis(f, axis):
+    layer = accuracy_layer(axis=axis)
+    layer.setup(f.bottom, [f.top])
+    layer.forward(f.bottom, [f.top])
+    expected, _, _ = reference(f.data.data, f.label.data)
+    assert abs(float(f.top.data) - expected) <= 1e-6
+
+
+def test_class_axis_last(dtype):
+    netlite.set_random_seed(5)
+    scores = make_blob((2, 3, 4), dtype, filler("gaussian")).data.copy()
+    labels = np.random.default_rng(0).integers(0, 4, size=(2, 3))
+    (acc,) = _run(accuracy_layer(axis=-1), scores, labels, dtype)
+    expected = np.mean(scores.argmax(-1) == labels)
+    assert abs(float(acc) - expected) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [(2.5, "not an integer"), (10, r"outside \[0, 10\)"), (-1, r"outside \[0, 10\)"),
+     (np.nan, "not an integer"), (np.inf, "not an integer")],
+)
+def test_bad_labels(f, bad, why):
+    f.label.data[17] = bad
+    layer = accuracy_layer(name="top1")
+    layer.setup(f.bottom, [f.top])
+    with pytest.raises(LabelError, match=rf"Accuracy layer 'top1'.*position 17.*{why}"):
+        layer.forward(f.bottom, [f.top])
+
+
+def test_bad_label_next_to_ignored(f):
+    f.label.data[3] = -1
+    f.label.data[4] = -2
+    layer = accuracy_layer(ignore_label=-1)
+    layer.setup(f.bottom, [f.top])
+    with pytest.raises(LabelError, match=r"-2\.0 at position 4"):
+        layer.forward(f.bottom, [f.top])
+
+
+def test_nan_score_is_an_error(f):
+    f.data.data[4, 2] = np.nan
+    layer = accuracy_layer()
+    layer.setup(f.bottom, [f.top])
+    with pytest.raises(NonFiniteError, match="Accuracy layer 'acc'.*NaN"):
+        layer.forward(f.bottom, [f.top])
+
+
+@pytest.mark.parametrize("top_k", [11, 0])
+def test_bad_top_k(f, top_k):
+    with pytest.raises(LayerSetupError, match="top_k"):
+        accuracy_layer(top_k=top_k).setup(f.bottom, [f.top])
+
+
+def test_label_count_mismatch(f):
+    f.label.reshape(99)
+    with pytest.raises(ShapeError, match=r"99 labels.*100 x 1 = 100"):
+        accuracy_layer().setup(f.bottom, [f.top])
+
+
+def test_no_backward(f):
+    layer = accuracy_layer()
+    layer.setup(f.bottom, [f.top])
+    layer.forward(f.bottom, [f.top])
+    layer.backward([f.top], [False, False], f.bottom)  # nothing asked: fine
+    with pytest.raises(NotImplementedError, match="Accuracy layer 'acc'"):
+        layer.backward([f.top], [True, False], f.bottom)
+    assert not layer.allow_force_backward(0)
+    assert not layer.allow_force_backward(1)
+
+
+def test_force_backward_net_skips_accuracy(dtype):
+    net = netlite.Net(
+        """
+        force_backward: true
+        layer { name: "in" type: "Input" top: "data" top: "label"
+                input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }
+        layer { name: "acc" type: "Accuracy" bottom: "data" bottom: "label"
+                top: "accuracy" }
+        layer { name: "loss" type: "HingeLoss" bottom: "data" bottom: "label"
+                top: "loss" }
+        """,
+        netlite.TRAIN, dtype=dtype,
+    )
+    net.blobs["data"].data[...] = [[3, 0, 0], [0, 3, 0], [0, 0, 3], [3, 0, 0]]
+    net.blobs["label"].data[...] = [0, 1, 2, 1]
+    net.forward()
+    assert float(net.blobs["accuracy"].data) == 0.75
+    net.backward()  # Caffe aborts here (Accuracy has no backward)
+    assert np.any(net.blobs["data"].diff != 0)
