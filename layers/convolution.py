@@ -142,7 +142,7 @@ class ConvolutionLayer(Layer):
                 self.blobs.append(self.make_blob((self.num_output,)))
                 self.fill_blob(self.blobs[1], p.bias_filler)
         self.force_nd_im2col = bool(p.force_nd_im2col)
-        self._table_key = None
+        self._bottom_shape = None
         self._scratch = {}
         self._col_cached = []
 
@@ -168,7 +168,7 @@ class ConvolutionLayer(Layer):
             return (int(getattr(p, h_name)), int(getattr(p, w_name)))
         values = [int(v) for v in getattr(p, name)]
         if not values:
-            if default is None:
+            if default is None and n > 0:
                 raise LayerSetupError(
                     f"{what}: convolution_param needs kernel_size or "
                     "kernel_h and kernel_w"
@@ -200,9 +200,27 @@ class ConvolutionLayer(Layer):
             )
 
     def reshape(self, bottom, top):
+        x = bottom[0]
+        if x.shape != self._bottom_shape:
+            self._set_geometry(x)
+        for i, b in enumerate(bottom[1:], start=1):
+            if b.shape != x.shape:
+                raise ShapeError(
+                    f"{self.describe()}: every bottom must have the shape of "
+                    f"bottom[0] {x.shape}; bottom[{i}] is {b.shape}"
+                )
+        for t in top:
+            if t.shape != self._top_shape:
+                t.reshape(self._top_shape)
+        # The numba engine's im2col buffers are only reusable in backward
+        # when its own forward filled them for these bottoms.
+        self._col_cached = [False] * len(bottom)
+
+    def _set_geometry(self, x):
+        """Check bottom[0]'s shape; derive the output shape and the window
+        table (cached until the bottom shape changes)."""
         what = self.describe()
         axis = self.channel_axis
-        x = bottom[0]
         if x.num_axes != axis + 1 + self.num_spatial_axes:
             raise ShapeError(
                 f"{what}: bottom[0] {x.shape} has {x.num_axes} axes; the layer "
@@ -213,12 +231,6 @@ class ConvolutionLayer(Layer):
                 f"{what}: bottom[0] {x.shape} has {x.shape[axis]} channels on "
                 f"axis {axis}; the weights expect {self.channels}"
             )
-        for i, b in enumerate(bottom[1:], start=1):
-            if b.shape != x.shape:
-                raise ShapeError(
-                    f"{what}: every bottom must have the shape of bottom[0] "
-                    f"{x.shape}; bottom[{i}] is {b.shape}"
-                )
         in_shape = x.shape[axis + 1:]
         out_shape = []
         for i, size in enumerate(in_shape):
@@ -234,26 +246,19 @@ class ConvolutionLayer(Layer):
         self.in_shape = tuple(in_shape)
         self.out_shape = tuple(out_shape)
         self.num = x.count_range(0, axis)
-        top_shape = x.shape[:axis] + (self.num_output,) + self.out_shape
-        for t in top:
-            t.reshape(top_shape)
-        if self._table_key != self.in_shape:
-            index, valid = window_table(self.in_shape, self.kernel_shape,
-                                        self.stride, self.pad, self.dilation,
-                                        self.out_shape)
-            self._win_index = self.xp.asarray(index)
-            self._win_outside = self.xp.asarray(~valid)
-            self._win_any_outside = bool((~valid).any())
-            self._table_key = self.in_shape
-        # The numba engine's im2col buffers are only reusable in backward
-        # when its own forward filled them for these bottoms.
-        self._col_cached = [False] * len(bottom)
+        self._plane = int(np.prod(self.in_shape, dtype=np.int64))
+        self._top_shape = x.shape[:axis] + (self.num_output,) + self.out_shape
+        index, valid = window_table(self.in_shape, self.kernel_shape, self.stride,
+                                    self.pad, self.dilation, self.out_shape)
+        self._win_index = self.xp.asarray(index)
+        self._win_outside = self.xp.asarray(~valid)
+        self._win_any_outside = bool((~valid).any())
+        self._bottom_shape = x.shape
 
     # ---------------------------------------------------------- reference
     def _im2col(self, x):
         """``(*batch, C, *in)`` -> columns ``(num, G, C/G * prod(k), P)``."""
-        plane = int(np.prod(self.in_shape, dtype=np.int64))
-        col = x.reshape(self.num, self.channels, plane)[:, :, self._win_index]
+        col = x.reshape(self.num, self.channels, self._plane)[:, :, self._win_index]
         if self._win_any_outside:
             col[:, :, self._win_outside] = 0
         return col.reshape(self.num, self.group, -1, col.shape[-1])
@@ -262,8 +267,7 @@ class ConvolutionLayer(Layer):
         """Adjoint of :meth:`_im2col`: add every column entry back onto the
         input element it was read from (bincount sums the overlaps)."""
         xp = self.xp
-        plane = int(np.prod(self.in_shape, dtype=np.int64))
-        planes = self.num * self.channels
+        plane, planes = self._plane, self.num * self.channels
         dcol = dcol.reshape(planes, *self._win_index.shape)
         if self._win_any_outside:
             dcol = xp.where(self._win_outside, dcol.dtype.type(0), dcol)
@@ -321,11 +325,13 @@ class ConvolutionLayer(Layer):
         n = self.num_spatial_axes
         if n > 2 or self.force_nd_im2col:
             return None
-        lead = 2 - n
-        grow = (lambda v, one: (one,) * lead + tuple(v))
-        return (grow(self.in_shape, 1), grow(self.kernel_shape, 1),
-                grow(self.stride, 1), grow(self.pad, 0),
-                grow(self.dilation, 1), grow(self.out_shape, 1))
+
+        def as_2d(values, one):
+            return (one,) * (2 - n) + tuple(values)
+
+        return (as_2d(self.in_shape, 1), as_2d(self.kernel_shape, 1),
+                as_2d(self.stride, 1), as_2d(self.pad, 0),
+                as_2d(self.dilation, 1), as_2d(self.out_shape, 1))
 
     def _buffer(self, name, shape):
         """A grow-only scratch array, so steady-state passes allocate nothing."""
@@ -336,6 +342,14 @@ class ConvolutionLayer(Layer):
             self._scratch[name] = buf
         return buf[:size].reshape(shape)
 
+    def _group_rows(self):
+        """Per group, its rows of the weight matrix ``(O, kg)`` and of the
+        column matrix ``(C * prod(k), N * P)``; ``kg = C/G * prod(k)``."""
+        og = self.num_output // self.group
+        kg = self.blobs[0].count // self.num_output
+        return [(slice(g * og, (g + 1) * og), slice(g * kg, (g + 1) * kg))
+                for g in range(self.group)]
+
     def forward_numba(self, bottom, top):
         geo = self._numba_geometry()
         if geo is None:
@@ -344,32 +358,22 @@ class ConvolutionLayer(Layer):
         from netlite.layers import convolution_numba as kern
 
         (h, w), k, s, p, d, (oh, ow) = geo
-        cols = self.num * oh * ow
-        # Each output channel sees kg = C/G * kh * kw inputs; group g owns
-        # rows [g*og, (g+1)*og) of the weights and [g*kg, (g+1)*kg) of col.
-        og, kg = self.num_output // self.group, self.blobs[0].count // self.num_output
-        wmat = self.blobs[0].data.reshape(self.num_output, kg)
-        bias = (self.blobs[1].data if self.bias_term
-                else self._zero_bias())
-        ybuf = self._buffer("y", (self.num_output, cols))
+        n, c, o = self.num, self.channels, self.num_output
+        wmat = self.blobs[0].data.reshape(o, -1)
+        if self.bias_term:
+            bias = self.blobs[1].data
+        else:
+            bias = self._buffer("zero_bias", (o,))
+            bias[...] = 0
+        ybuf = self._buffer("y", (o, n * oh * ow))
         for i, (b, t) in enumerate(zip(bottom, top)):
-            col = self._buffer(f"col{i}", (self.channels * k[0] * k[1], cols))
-            kern.conv_im2col(b.data.reshape(self.num, self.channels, h, w), col,
-                             *k, *s, *p, *d, oh, ow)
+            col = self._buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
+            kern.conv_im2col(b.data.reshape(n, c, h, w), col, *k, *s, *p, *d,
+                             oh, ow)
             self._col_cached[i] = True
-            for gi in range(self.group):
-                o_rows, k_rows = slice(gi * og, (gi + 1) * og), slice(gi * kg,
-                                                                      (gi + 1) * kg)
+            for o_rows, k_rows in self._group_rows():
                 np.matmul(wmat[o_rows], col[k_rows], out=ybuf[o_rows])
-            kern.conv_fwd_output(ybuf, bias,
-                                 t.data.reshape(self.num, self.num_output, oh * ow))
-
-    def _zero_bias(self):
-        zero = self._scratch.get("zero_bias")
-        if zero is None or zero.size != self.num_output or zero.dtype != self.dtype:
-            zero = np.zeros(self.num_output, dtype=self.dtype)
-            self._scratch["zero_bias"] = zero
-        return zero
+            kern.conv_fwd_output(ybuf, bias, t.data.reshape(n, o, oh * ow))
 
     def backward_numba(self, top, propagate_down, bottom):
         geo = self._numba_geometry()
@@ -379,37 +383,35 @@ class ConvolutionLayer(Layer):
         from netlite.layers import convolution_numba as kern
 
         (h, w), k, s, p, d, (oh, ow) = geo
-        cols = self.num * oh * ow
-        # Each output channel sees kg = C/G * kh * kw inputs; group g owns
-        # rows [g*og, (g+1)*og) of the weights and [g*kg, (g+1)*kg) of col.
-        og, kg = self.num_output // self.group, self.blobs[0].count // self.num_output
-        wmat = self.blobs[0].data.reshape(self.num_output, kg)
+        n, c, o = self.num, self.channels, self.num_output
+        wmat = self.blobs[0].data.reshape(o, -1)
         want_w = self.propagates_param(0)
         want_b = self.bias_term and self.propagates_param(1)
-        bias_diff = self.blobs[1].diff if want_b else self._zero_bias()
+        groups = self._group_rows()
         for i, (b, t) in enumerate(zip(bottom, top)):
             if not (want_w or want_b or propagate_down[i]):
                 continue
-            dybuf = self._buffer("dy", (self.num_output, cols))
-            kern.conv_bwd_top_diff(t.diff.reshape(self.num, self.num_output, oh * ow),
-                                   dybuf, bias_diff, want_b)
-            x4 = b.data.reshape(self.num, self.channels, h, w)
-            groups = [(slice(g * og, (g + 1) * og), slice(g * kg, (g + 1) * kg))
-                      for g in range(self.group)]
+            dybuf = self._buffer("dy", (o, n * oh * ow))
+            kern.conv_bwd_top_diff(t.diff.reshape(n, o, oh * ow), dybuf)
+            if want_b:
+                # NumPy's pairwise summation of the contiguous rows.
+                db = self._buffer("db", (o,))
+                np.sum(dybuf, axis=1, out=db)
+                self.blobs[1].diff += db
             if want_w:
-                col = self._buffer(f"col{i}", (self.channels * k[0] * k[1], cols))
+                col = self._buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
                 if not self._col_cached[i]:
-                    kern.conv_im2col(x4, col, *k, *s, *p, *d, oh, ow)
-                    self._col_cached[i] = True
-                dw = self._buffer("dw", (self.num_output, kg))
+                    # The last forward did not fill it (other engine, or a
+                    # reshape since): rebuild without marking it cached.
+                    kern.conv_im2col(b.data.reshape(n, c, h, w), col, *k, *s, *p,
+                                     *d, oh, ow)
+                dw = self._buffer("dw", wmat.shape)
                 for o_rows, k_rows in groups:
                     np.matmul(dybuf[o_rows], col[k_rows].T, out=dw[o_rows])
-                wd = self.blobs[0].diff.reshape(self.num_output, kg)
-                wd += dw
+                self.blobs[0].diff.reshape(wmat.shape)[...] += dw
             if propagate_down[i]:
-                dcol = self._buffer("dcol", (self.channels * k[0] * k[1], cols))
+                dcol = self._buffer("dcol", (c * k[0] * k[1], n * oh * ow))
                 for o_rows, k_rows in groups:
                     np.matmul(wmat[o_rows].T, dybuf[o_rows], out=dcol[k_rows])
-                kern.conv_col2im(dcol, b.diff.reshape(self.num, self.channels, h, w),
-                                 *k, *s, *p, *d, oh, ow)
-
+                kern.conv_col2im(dcol, b.diff.reshape(n, c, h, w), *k, *s, *p, *d,
+                                 oh, ow)

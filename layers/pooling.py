@@ -57,7 +57,8 @@ class PoolingLayer(Layer):
     the window area clipped to the padded image ``[-p, H + p)``:
 
     .. math::
-        y = \frac{1}{|w \cap [-p, H + p)|} \sum_{(h, w') \in w \cap \text{image}} x_{h, w'}
+        y_w = \frac{1}{|w \cap [-p, H + p)|}
+              \sum_{(h, v) \in w \cap \text{image}} x_{h, v}
 
     See docs/layers/pooling.md.
     """
@@ -131,15 +132,23 @@ class PoolingLayer(Layer):
             raise LayerSetupError(
                 f"{what}: stride must be positive, got {self.stride}"
             )
-        self._table_key = None
+        self._bottom_shape = None
 
     def reshape(self, bottom, top):
         x = bottom[0]
-        what = self.describe()
+        if x.shape != self._bottom_shape:
+            self._set_geometry(x)
+        for t in top:
+            if t.shape != self._top_shape:
+                t.reshape(self._top_shape)
+
+    def _set_geometry(self, x):
+        """Check the bottom; derive the output shape, the window tables and
+        the argmax buffer (cached until the bottom shape changes)."""
         if x.num_axes != 4:
             raise ShapeError(
-                f"{what}: bottom[0] must have 4 axes (num, channels, height, "
-                f"width), got shape {x.shape}"
+                f"{self.describe()}: bottom[0] must have 4 axes (num, channels, "
+                f"height, width), got shape {x.shape}"
             )
         n, c, h, w = x.shape
         if self.global_pooling:
@@ -150,21 +159,15 @@ class PoolingLayer(Layer):
         )
         if min(out) <= 0:
             raise ShapeError(
-                f"{what}: bottom[0] {x.shape} is smaller than the kernel "
-                f"{self.kernel} (pad {self.pad}, FLOOR rounding): no output"
+                f"{self.describe()}: bottom[0] {x.shape} is smaller than the "
+                f"kernel {self.kernel} (pad {self.pad}, FLOOR rounding): no output"
             )
         self.out_shape = out
-        top[0].reshape((n, c) + out)
-        if len(top) > 1:
-            top[1].reshape((n, c) + out)
-        key = ((h, w), self.kernel)
-        if self._table_key != key:
-            self._build_tables(h, w)
-            self._table_key = key
+        self._top_shape = (n, c) + out
+        self._build_tables(h, w)
         if self.pool == MAX:
-            shape = (n, c) + out
-            if getattr(self, "_argmax", None) is None or self._argmax.shape != shape:
-                self._argmax = self.xp.empty(shape, dtype=np.int32)
+            self._argmax = self.xp.empty(self._top_shape, dtype=np.int32)
+        self._bottom_shape = x.shape
 
     def _build_tables(self, h, w):
         """Window tables (see ``window_table``) and AVE divisors."""

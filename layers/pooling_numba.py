@@ -8,10 +8,21 @@ Caffe's (docs/layers/pooling.md): window ``(i, j)`` starts at
 divisor to the padded image and its sum to the image.  No kernel
 allocates; float scalars come in with the arrays' dtype, so float32
 kernels stay float32.
+
+As in convolution_numba, the kernels index flat views of C-contiguous
+arrays with unsigned indices (:func:`_u`), which spares Numba's negative
+wrap-around test on every access.
 """
 
 import numba
+import numpy as np
 from numba import prange
+
+
+@numba.njit(cache=False, inline="always")
+def _u(i):
+    """An array index that cannot be negative (no wrap-around test)."""
+    return np.uint64(i)
 
 
 @numba.njit(cache=False, parallel=True)
@@ -20,9 +31,9 @@ def pool_max_fwd(x, y, argmax, kh, kw, sh, sw, ph, pw, lowest):
 
     Parameters
     ----------
-    x : ndarray, shape (N, C, H, W)
-    y : ndarray, shape (N, C, PH, PW), written
-    argmax : ndarray of int32, shape (N, C, PH, PW), written
+    x : ndarray, shape (N, C, H, W), C-contiguous
+    y : ndarray, shape (N, C, PH, PW), C-contiguous, written
+    argmax : ndarray of int32, shape (N, C, PH, PW), C-contiguous, written
         Flat in-plane index ``h * W + w`` of each maximum; -1 when no
         element beats ``lowest``.
     kh, kw, sh, sw, ph, pw : int
@@ -33,9 +44,12 @@ def pool_max_fwd(x, y, argmax, kh, kw, sh, sw, ph, pw, lowest):
     """
     n_img, channels, height, width = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
+    af = argmax.reshape(-1)
     for task in prange(n_img * channels):
-        n = task // channels
-        c = task - n * channels
+        src = task * height * width
+        dst = task * out_h * out_w
         for i in range(out_h):
             h0 = i * sh - ph
             h1 = min(h0 + kh, height)
@@ -48,12 +62,12 @@ def pool_max_fwd(x, y, argmax, kh, kw, sh, sw, ph, pw, lowest):
                 where = -1
                 for h in range(h0, h1):
                     for w in range(w0, w1):
-                        v = x[n, c, h, w]
+                        v = xf[_u(src + h * width + w)]
                         if v > best:
                             best = v
                             where = h * width + w
-                y[n, c, i, j] = best
-                argmax[n, c, i, j] = where
+                yf[_u(dst + i * out_w + j)] = best
+                af[_u(dst + i * out_w + j)] = where
 
 
 @numba.njit(cache=False, parallel=True)
@@ -61,17 +75,19 @@ def pool_max_bwd(dy, argmax, dx):
     """Overwrite ``dx`` with zeros, then ``dx[argmax] += dy`` per plane."""
     n_img, channels, height, width = dx.shape
     out_h, out_w = dy.shape[2], dy.shape[3]
+    plane, out_plane = height * width, out_h * out_w
+    df = dx.reshape(-1)
+    gf = dy.reshape(-1)
+    af = argmax.reshape(-1)
     for task in prange(n_img * channels):
-        n = task // channels
-        c = task - n * channels
-        for h in range(height):
-            for w in range(width):
-                dx[n, c, h, w] = 0
-        for i in range(out_h):
-            for j in range(out_w):
-                where = argmax[n, c, i, j]
-                if where >= 0:
-                    dx[n, c, where // width, where % width] += dy[n, c, i, j]
+        dst = task * plane
+        src = task * out_plane
+        for q in range(dst, dst + plane):
+            df[_u(q)] = 0
+        for q in range(src, src + out_plane):
+            where = af[_u(q)]
+            if where >= 0:
+                df[_u(dst + where)] += gf[_u(q)]
 
 
 @numba.njit(cache=False, parallel=True)
@@ -82,9 +98,11 @@ def pool_ave_fwd(x, y, area, kh, kw, sh, sw, ph, pw, zero):
     float64)."""
     n_img, channels, height, width = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
     for task in prange(n_img * channels):
-        n = task // channels
-        c = task - n * channels
+        src = task * height * width
+        dst = task * out_h * out_w
         for i in range(out_h):
             h0 = max(i * sh - ph, 0)
             h1 = min(i * sh - ph + kh, height)
@@ -94,8 +112,8 @@ def pool_ave_fwd(x, y, area, kh, kw, sh, sw, ph, pw, zero):
                 acc = zero
                 for h in range(h0, h1):
                     for w in range(w0, w1):
-                        acc += x[n, c, h, w]
-                y[n, c, i, j] = acc / area[i, j]
+                        acc += xf[_u(src + h * width + w)]
+                yf[_u(dst + i * out_w + j)] = acc / area[i, j]
 
 
 @numba.njit(cache=False, parallel=True)
@@ -104,19 +122,20 @@ def pool_ave_bwd(dy, dx, area, kh, kw, sh, sw, ph, pw):
     receives ``dy[i, j] / area[i, j]``."""
     n_img, channels, height, width = dx.shape
     out_h, out_w = dy.shape[2], dy.shape[3]
+    df = dx.reshape(-1)
+    gf = dy.reshape(-1)
     for task in prange(n_img * channels):
-        n = task // channels
-        c = task - n * channels
-        for h in range(height):
-            for w in range(width):
-                dx[n, c, h, w] = 0
+        dst = task * height * width
+        src = task * out_h * out_w
+        for q in range(dst, dst + height * width):
+            df[_u(q)] = 0
         for i in range(out_h):
             h0 = max(i * sh - ph, 0)
             h1 = min(i * sh - ph + kh, height)
             for j in range(out_w):
                 w0 = max(j * sw - pw, 0)
                 w1 = min(j * sw - pw + kw, width)
-                share = dy[n, c, i, j] / area[i, j]
+                share = gf[_u(src + i * out_w + j)] / area[i, j]
                 for h in range(h0, h1):
                     for w in range(w0, w1):
-                        dx[n, c, h, w] += share
+                        df[_u(dst + h * width + w)] += share

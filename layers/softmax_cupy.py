@@ -44,7 +44,7 @@ _BWD_SOURCE = """
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def softmax_fwd_kernel(dtype):
     """ElementwiseKernel ``softmax_fwd`` for ``dtype`` (one thread per
     position; ``y`` may be ``x``)."""
@@ -55,7 +55,7 @@ def softmax_fwd_kernel(dtype):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def softmax_bwd_kernel(dtype):
     """ElementwiseKernel ``softmax_bwd`` for ``dtype``."""
     del dtype

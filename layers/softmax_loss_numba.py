@@ -199,8 +199,8 @@ def _loss_bwd_strided(x, outer, n, inner, pos_max, pos_sum, pos_label, scale,
                 code = lk[k]
                 if code >= 0:
                     j = base0 + code * inner + k
-                    sd = cast_like(sk[k], scale)
-                    dx[j] = (exp_nonpos(x[j] - mk[k]) / sd - cast_like(1.0, scale)) * scale
+                    p = exp_nonpos(x[j] - mk[k]) / cast_like(sk[k], scale)
+                    dx[j] = (p - cast_like(1.0, scale)) * scale
                 else:
                     # Ignored: exactly 0 even where the scores are not finite.
                     for c in range(n):
@@ -219,100 +219,103 @@ def _jit(fn, parallel):
 
 # ------------------------------------------------------------------- API
 class Workspace:
-    """Per-position statistics and scratch a layer keeps between calls.
+    """The kernels a layer's shape needs and the buffers they share.
 
-    ``pos_max`` (dtype) and ``pos_sum`` (float64): the softmax statistics
-    of every position; ``pos_label`` (int64): the label codes;
-    ``pos_loss`` (float64): each position's loss; ``buf``: scratch rows.
-    All grow and never shrink, like a Blob.
+    Per position ``p`` of the ``(outer, inner)`` grid: ``pos_max`` (dtype)
+    and ``pos_sum`` (float64), the softmax statistics; ``pos_label``
+    (int64), the label codes; ``pos_loss`` (float64), the losses.  Plus
+    scratch rows ``buf``.  :meth:`prepare` picks the builds and sizes the
+    buffers once per shape, so a call costs one Numba dispatch.
+
+    Parameters
+    ----------
+    dtype : numpy dtype
+        The scores' dtype.
     """
 
     def __init__(self, dtype):
         self.dtype = np.dtype(dtype)
+        self.key = None
         self.pos_max = np.empty(0, self.dtype)
         self.pos_sum = np.empty(0, np.float64)
         self.pos_label = np.empty(0, np.int64)
         self.pos_loss = np.empty(0, np.float64)
-        self.buf = np.empty((0, 0), self.dtype)
         self.empty = np.empty(0, self.dtype)
 
-    def fit(self, npos, buf_shape):
+    def prepare(self, outer, n, inner, parallel):
+        """Choose the kernels and size the buffers for this shape."""
+        key = (outer, n, inner, parallel)
+        if key == self.key:
+            return
+        npos = outer * inner
         if self.pos_max.size < npos:
             self.pos_max = np.empty(npos, self.dtype)
             self.pos_sum = np.empty(npos, np.float64)
             self.pos_label = np.empty(npos, np.int64)
             self.pos_loss = np.empty(npos, np.float64)
-        if self.buf.shape != buf_shape:
-            self.buf = np.empty(buf_shape, self.dtype)
+        if inner == 1:
+            self.width = BLOCK
+            self.nchunks = num_chunks(parallel, outer)
+            self._fwd = _jit(_loss_fwd_rows, parallel)
+            self._bwd = _jit(_loss_bwd_rows, parallel)
+        else:
+            self.width = tile_width(n, inner)
+            tiles = outer * ((inner + self.width - 1) // self.width)
+            self.nchunks = num_chunks(parallel, tiles)
+            self._fwd = _jit(_loss_fwd_strided, parallel)
+            self._bwd = _jit(_loss_bwd_strided, parallel)
+        self.buf = np.empty((self.nchunks, self.width), self.dtype)
+        self.outer, self.n, self.inner = outer, n, inner
+        self.key = key
 
+    def forward(self, x, label, has_ignore, ignore_label, prob):
+        """Fused forward.  Returns ``(loss_sum, valid_count, first_bad)``.
 
-def softmax_loss_fwd(x, label, outer, n, inner, has_ignore, ignore_label, prob,
-                     parallel, ws):
-    """Fused forward.  Returns ``(loss_sum, valid_count, first_bad)``.
+        Parameters
+        ----------
+        x : ndarray, shape (outer * n * inner,)
+            The scores, flat.
+        label : ndarray, shape (outer * inner,)
+            Labels stored as floats.
+        has_ignore, ignore_label : bool, int
+            ``loss_param.ignore_label`` and whether it is set.
+        prob : ndarray or None
+            When given (shape of ``x``), the probabilities are written to it.
 
-    Parameters
-    ----------
-    x : ndarray, shape (outer * n * inner,)
-        The scores, flat.
-    label : ndarray, shape (outer * inner,)
-        Labels stored as floats (same dtype as ``x``).
-    has_ignore, ignore_label : bool, int
-        ``loss_param.ignore_label`` and whether it is set.
-    prob : ndarray or None
-        When given (shape of ``x``), the probabilities are written to it.
-    parallel : bool
-        Use the multi-threaded build.
-    ws : Workspace
-        Receives the per-position statistics the backward needs.
-
-    Returns
-    -------
-    loss_sum : float
-        Sum over valid positions of ``-log(max(prob, FLT_MIN))`` (float64
-        accumulation); NaN when a valid position's scores are not finite.
-    valid_count : int
-    first_bad : int
-        Flat label index of the first label that is neither a class in
-        ``[0, n)`` nor ``ignore_label`` (``-1`` when all are fine); its
-        code is ``ws.pos_label[first_bad]``.
-    """
-    write_prob = prob is not None
-    prob = prob if write_prob else ws.empty
-    ignore_label = int(ignore_label)
-    if inner == 1:
-        ws.fit(outer, (num_chunks(parallel, outer), BLOCK))
-        return _jit(_loss_fwd_rows, parallel)(
-            x, label, outer, n, has_ignore, ignore_label, ws.pos_max,
-            ws.pos_sum, ws.pos_label, ws.pos_loss, prob, write_prob, ws.buf,
+        Returns
+        -------
+        loss_sum : float
+            Sum over valid positions of ``-log(max(prob, FLT_MIN))``
+            (float64 accumulation); NaN when a valid position's scores are
+            not finite.
+        valid_count : int
+        first_bad : int
+            Flat index of the first label that is neither a class in ``[0,
+            n)`` nor ``ignore_label`` (-1 when all are fine); its code is
+            ``pos_label[first_bad]``.
+        """
+        write_prob = prob is not None
+        if not write_prob:
+            prob = self.empty
+        if self.inner == 1:
+            return self._fwd(
+                x, label, self.outer, self.n, has_ignore, ignore_label,
+                self.pos_max, self.pos_sum, self.pos_label, self.pos_loss, prob,
+                write_prob, self.buf,
+            )
+        return self._fwd(
+            x, label, self.outer, self.n, self.inner, has_ignore, ignore_label,
+            self.pos_max, self.pos_sum, self.pos_label, self.pos_loss, prob,
+            write_prob, self.width, self.nchunks,
         )
-    width = tile_width(n, inner)
-    tiles = outer * ((inner + width - 1) // width)
-    ws.fit(outer * inner, (num_chunks(parallel, tiles), width))
-    return _jit(_loss_fwd_strided, parallel)(
-        x, label, outer, n, inner, has_ignore, ignore_label, ws.pos_max,
-        ws.pos_sum, ws.pos_label, ws.pos_loss, prob, write_prob, width,
-        ws.buf.shape[0],
-    )
 
-
-def softmax_loss_bwd(x, outer, n, inner, scale, dx, parallel, ws):
-    """``dx = scale * (prob - onehot)``, 0 at ignored positions, from the
-    statistics the last :func:`softmax_loss_fwd` left in ``ws``.
-
-    ``scale`` is ``loss_weight / normalizer`` (a scalar of ``x``'s dtype).
-    """
-    scale = x.dtype.type(scale)
-    if inner == 1:
-        nchunks = num_chunks(parallel, outer)
-        _jit(_loss_bwd_rows, parallel)(
-            x, outer, n, ws.pos_max, ws.pos_sum, ws.pos_label, scale, dx,
-            nchunks,
-        )
-    else:
-        width = tile_width(n, inner)
-        tiles = outer * ((inner + width - 1) // width)
-        ws.fit(outer * inner, (num_chunks(parallel, tiles), width))
-        _jit(_loss_bwd_strided, parallel)(
-            x, outer, n, inner, ws.pos_max, ws.pos_sum, ws.pos_label, scale,
-            dx, ws.buf,
-        )
+    def backward(self, x, scale, dx):
+        """``dx = scale * (prob - onehot)``, 0 at ignored positions, from
+        the statistics of the last :meth:`forward` (``scale`` =
+        ``loss_weight / normalizer``, a scalar of ``x``'s dtype)."""
+        if self.inner == 1:
+            self._bwd(x, self.outer, self.n, self.pos_max, self.pos_sum,
+                      self.pos_label, scale, dx, self.nchunks)
+        else:
+            self._bwd(x, self.outer, self.n, self.inner, self.pos_max,
+                      self.pos_sum, self.pos_label, scale, dx, self.buf)

@@ -44,6 +44,10 @@ from numba.extending import intrinsic, overload
 #: Length of the scratch block used by the row kernels (fits in L1).
 BLOCK = 1024
 
+#: Rows up to this length use plain scalar loops: for a handful of
+#: elements the block machinery costs more than it saves.
+SMALL_ROW = 48
+
 #: Target number of elements in one strided tile (``C * W``): small enough
 #: that the tile's second pass hits the L2 cache.
 TILE_ELEMENTS = 1 << 16
@@ -168,11 +172,23 @@ def row_max_sumexp(xr, b):
 
     One pass, block by block (online softmax): each block of ``len(b)``
     elements gets its own max ``mb`` and sum ``sb`` relative to it, and the
-    running pair is rescaled whenever the max grows.  NaN anywhere, or a
-    +inf, makes ``s`` NaN; a row that is entirely -inf gives ``m = -inf``
-    and ``s = 0`` (so ``exp(x - m) / s`` is NaN, as in the reference).
+    running pair is rescaled whenever the max grows.  Rows of at most
+    :data:`SMALL_ROW` elements take two plain loops instead.  NaN anywhere,
+    or a +inf, makes ``s`` NaN; a row that is entirely -inf gives ``m =
+    -inf`` and ``s`` 0 or NaN, so ``exp(x - m) / s`` is NaN, as in the
+    reference.
     """
     n = xr.size
+    if n <= SMALL_ROW:
+        # Like the reference: a NaN or a column of -inf reaches s as NaN.
+        m = xr[0]
+        for j in range(1, n):
+            if xr[j] > m:
+                m = xr[j]
+        s = 0.0
+        for j in range(n):
+            s += exp_nonpos(xr[j] - m)
+        return m, s
     width = b.size
     m = cast_like(-np.inf, b[0])
     s = 0.0

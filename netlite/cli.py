@@ -646,8 +646,9 @@ def _report_train(result):
         for name, series in outputs.items():
             iteration, value = series[-1]
             label = "Final test" if not result.interrupted else "Last test"
+            shown = f"{value:.4f}" if "acc" in name.lower() else f"{value:.6g}"
             print(f"{label} {name} (test net #{net_id}, iteration {iteration}): "
-                  f"{value:.4f}")
+                  f"{shown}")
     if snapshots:
         print(f"Weights: {snapshots[-1][1]}")
     for path in result.plots:

@@ -46,8 +46,14 @@ def parse_text(text, message_type, source="<string>"):
     except text_format.ParseError as exc:
         line, col = exc.GetLine(), exc.GetColumn()
         where = f"{source}:{line}:{col}" if line else source
+        hint = ""
+        if message_type is NetParameter and 'no field named "layers"' in str(exc):
+            hint = (
+                " (this is Caffe's V1 'layers { }' syntax, which netlite does not "
+                "read; convert the file with Caffe's upgrade_net_proto_text tool)"
+            )
         raise PrototxtError(
-            f"{where}: cannot parse {message_type.DESCRIPTOR.name}: {exc}"
+            f"{where}: cannot parse {message_type.DESCRIPTOR.name}: {exc}{hint}"
         ) from None
     return msg
 

@@ -73,8 +73,9 @@ def insert_splits(param):
     """Return ``param`` with Split layers for every fanned-out top.
 
     An explicit nonzero ``loss_weight`` on a top counts as one more
-    consumer; the weight then moves to split top 0 and the producer's
-    ``loss_weight`` list is cleared.
+    consumer; the weight then moves to split top 0 and the producer's entry
+    for that top becomes an explicit 0 (Caffe clears the producer's whole
+    list instead; see the comment in the code).
 
     Raises
     ------
@@ -136,12 +137,11 @@ def insert_splits(param):
                     split.loss_weight.append(weight if k == 0 else 0.0)
             if weight:
                 # The split's top 0 now carries this loss.  Caffe clears the
-                # producer's whole loss_weight list, which silently drops the
-                # weights of its other tops; netlite zeroes only this entry
-                # and clears the list when nothing nonzero is left.
+                # producer's whole loss_weight list, which (a) silently drops
+                # the weights of its other tops and (b) lets a loss layer fall
+                # back to its default weight 1, counting the loss twice.
+                # netlite zeroes only this entry and keeps the explicit 0.
                 new_layer.loss_weight[j] = 0.0
-                if not any(new_layer.loss_weight):
-                    del new_layer.loss_weight[:]
                 next_split[(i, j)] += 1
             split_layers.append(split)
         for split in split_layers:

@@ -15,6 +15,8 @@ that use matplotlib themselves.
 import math
 import os
 
+import numpy as np
+
 
 class TrainingHistory:
     """Training loss per iteration and test outputs per test pass.
@@ -40,9 +42,16 @@ class TrainingHistory:
         self.train_loss.append(float(loss))
 
     def add_test(self, iteration, outputs, test_net_id=0):
-        """Record one test pass: ``outputs`` maps output names to means."""
+        """Record one test pass: ``outputs`` maps output names to means.
+
+        Outputs with more than one element (a per-class accuracy, say) are
+        not curves; they are left out.
+        """
         net = self.tests.setdefault(int(test_net_id), {})
         for name, value in outputs.items():
+            value = np.asarray(value)
+            if value.size != 1:
+                continue
             net.setdefault(name, []).append((int(iteration), float(value)))
 
     def final_test(self, name="accuracy", test_net_id=0):
@@ -131,7 +140,7 @@ def plot_history(history, out_dir, prefix="", title=None):
             ax.plot(its, vals, marker="o", color="tab:red",
                     label=f"test net #{net_id} {name}")
     positive = [v for v in history.train_loss if v > 0 and math.isfinite(v)]
-    if positive and max(positive) / min(positive) > 100:
+    if positive and max(positive) / min(positive) > 30:
         # Losses fall over orders of magnitude; a log axis keeps the tail
         # of the curve readable.
         ax.set_yscale("log")
@@ -148,19 +157,31 @@ def plot_history(history, out_dir, prefix="", title=None):
 
     accuracy = history.accuracy_outputs()
     if accuracy:
-        fig = Figure(figsize=(7, 4.5), dpi=100)
+        # The first test usually runs on the untrained net (chance level);
+        # a second panel leaves it out, so that the differences that
+        # matter late in training (0.98 vs 0.99) are visible.
+        zoom = any(len(history.tests[n][name]) >= 3 for n, name in accuracy)
+        fig = Figure(figsize=(11 if zoom else 7, 4.5), dpi=100)
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        for net_id, name in accuracy:
-            its, vals = zip(*history.tests[net_id][name])
-            ax.plot(its, vals, marker="o", label=f"test net #{net_id} {name}")
-            ax.annotate(f"{vals[-1]:.4f}", (its[-1], vals[-1]),
-                        textcoords="offset points", xytext=(-10, -15))
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"{title}: test accuracy" if title else "test accuracy")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right")
+        axes = [fig.add_subplot(1, 2 if zoom else 1, i + 1)
+                for i in range(2 if zoom else 1)]
+        for panel, ax in enumerate(axes):
+            for net_id, name in accuracy:
+                series = history.tests[net_id][name]
+                if panel == 1:
+                    series = series[1:]
+                its, vals = zip(*series)
+                ax.plot(its, vals, marker="o", label=f"test net #{net_id} {name}")
+                ax.annotate(f"{vals[-1]:.4f}", (its[-1], vals[-1]),
+                            textcoords="offset points", xytext=(-10, -15))
+            ax.set_xlabel("iteration")
+            ax.set_ylabel("accuracy")
+            ax.grid(True, alpha=0.3)
+            ax.legend(loc="lower right")
+        name = f"{title}: test accuracy" if title else "test accuracy"
+        axes[0].set_title(name)
+        if zoom:
+            axes[1].set_title("without the first test")
         fig.tight_layout()
         path = os.path.join(out_dir, f"{prefix}accuracy.png")
         fig.savefig(path)

@@ -479,10 +479,15 @@ class Solver:
         self._check_common_param()
         self.check_param()
         if param.HasField("solver_mode") or param.HasField("device_id"):
+            # The device is the caller's choice (netlite.set_mode_gpu() or
+            # the CLI's --gpu), never the prototxt's: a Caffe solver file
+            # that says GPU must still run on a machine without one.
             logger.info(
-                "Ignoring solver_mode/device_id in the solver parameters: netlite "
-                "follows the process mode (now %s; netlite.set_mode_gpu() or "
-                "--gpu selects the GPU)", backend.mode(),
+                "Ignoring solver_mode/device_id in the solver parameters "
+                "(solver_mode: %s): netlite follows the process mode, now %s; "
+                "netlite.set_mode_gpu() or --gpu selects the GPU",
+                netlite_pb2.SolverParameter.SolverMode.Name(param.solver_mode),
+                backend.mode(),
             )
         if param.random_seed >= 0:
             rng.set_random_seed(param.random_seed)
@@ -1122,7 +1127,7 @@ class Solver:
                     "%s: layer '%s' cannot load its saved state; ignored", path, name
                 )
                 continue
-            pass
+            layer.load_state_dict(_decode(entry["state"], arrays))
             restored.add((net_index, name))
         for net_index, name, layer in self._stateful_layers():
             if (net_index, name) not in restored and layer.state_dict():

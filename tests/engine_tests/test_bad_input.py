@@ -64,6 +64,13 @@ def test_unknown_field_is_an_error():
         netlite.Net(text)
 
 
+def test_v1_layers_syntax_is_refused_with_a_hint():
+    with pytest.raises(PrototxtError, match=(
+            r"<string>:2:1: .*no field named \"layers\".*V1 'layers \{ \}' "
+            r"syntax.*upgrade_net_proto_text")):
+        netlite.Net("name: 'old'\nlayers { name: 'c' type: CONVOLUTION }")
+
+
 def test_unknown_nested_field_is_an_error():
     with pytest.raises(PrototxtError, match=r":1:\d+: .*num_outputs"):
         io.parse_layer_param("inner_product_param { num_outputs: 3 }")

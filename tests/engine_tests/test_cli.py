@@ -453,3 +453,11 @@ def test_plot_history_without_tests_writes_only_the_loss(tmp_path):
     paths = plotting.plot_history(history, tmp_path / "p")
     assert [os.path.basename(p) for p in paths] == ["loss.png", "accuracy.png"]
     assert history.final_test("accuracy") == 0.9
+
+
+def test_history_leaves_out_vector_outputs():
+    history = plotting.TrainingHistory()
+    history.add_test(0, {"accuracy": 0.5, "per_class": np.array([0.1, 0.9])})
+    history.add_test(10, {"accuracy": np.float32(0.75)})
+    assert history.tests == {0: {"accuracy": [(0, 0.5), (10, 0.75)]}}
+    assert history.accuracy_outputs() == [(0, "accuracy")]

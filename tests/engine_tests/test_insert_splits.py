@@ -1,9 +1,19 @@
 """insert_splits: port of the SplitLayerInsertionTest cases of Caffe's
 test_split_layer.cpp (expected NetParameters and idempotence), plus netlite's
-one deliberate deviation and the error paths."""
+one deliberate deviation and the error paths.
 
+The deviation: when a top with a loss weight is fanned out, the weight moves
+to split top 0 (as in Caffe), but netlite sets only the producer's entry for
+that top to an explicit 0 where Caffe clears the producer's whole
+``loss_weight`` list.  Clearing drops the weights of the producer's other
+tops, and makes a loss layer fall back to its default weight 1, so its loss
+would be counted twice.
+"""
+
+import numpy as np
 import pytest
 
+import netlite
 from netlite import io
 from netlite.errors import LayerSetupError
 from netlite.net_transform import insert_splits, split_blob_name, split_layer_name
@@ -121,7 +131,9 @@ _DUMMY = ("layer { name: 'data' type: 'DummyData' dummy_data_param { num: 5 "
 
 def test_loss_insertion():
     # A top with an explicit loss weight that also feeds a layer is split;
-    # split top 0 carries the loss and the consumer gets top 1.
+    # split top 0 carries the loss and the consumer gets top 1.  (Caffe's
+    # expected output has no loss_weight left on innerproduct1; netlite
+    # keeps an explicit 0 there, see the module docstring.)
     source = f"""name: 'UnsharedWeightsNetwork' force_backward: true {_DUMMY}
         layer {{ name: 'innerproduct1' {_IP} param {{ name: 'unsharedweights1' }}
                 bottom: 'data' top: 'innerproduct1' loss_weight: 2.5 }}
@@ -134,7 +146,8 @@ def test_loss_insertion():
         layer {{ name: 'data_data_0_split' type: 'Split' bottom: 'data'
                 top: 'data_data_0_split_0' top: 'data_data_0_split_1' }}
         layer {{ name: 'innerproduct1' {_IP} param {{ name: 'unsharedweights1' }}
-                bottom: 'data_data_0_split_0' top: 'innerproduct1' }}
+                bottom: 'data_data_0_split_0' top: 'innerproduct1'
+                loss_weight: 0 }}
         layer {{ name: 'innerproduct1_innerproduct1_0_split' type: 'Split'
                 bottom: 'innerproduct1'
                 top: 'innerproduct1_innerproduct1_0_split_0'
@@ -296,6 +309,7 @@ def test_deviation_multi_top_keeps_other_tops_loss_weights():
     # Top a (weight 1.5) feeds a layer and is split; top b (weight 2) is
     # only a loss.  Caffe clears the producer's whole loss_weight list here,
     # silently dropping b's weight; netlite zeroes only the moved entry.
+    # (Caffe's output would have no loss_weight on 'pair' at all.)
     source = _TWO_TOP.replace("LW_A", "1.5").replace("LW_B", "2")
     expected = """name: 'n'
         layer { name: 'pair' type: 'DummyData' top: 'a' top: 'b'
@@ -310,10 +324,13 @@ def test_deviation_multi_top_keeps_other_tops_loss_weights():
     assert total == pytest.approx(3.5)  # no weight lost or duplicated
 
 
-def test_deviation_list_cleared_when_nothing_is_left():
+def test_deviation_zeroes_are_kept_when_nothing_is_left():
+    # Caffe would clear the list; an explicit [0, 0] keeps a loss layer from
+    # falling back to its default weight 1.
     source = _TWO_TOP.replace("LW_A", "1.5").replace("LW_B", "0") + _USE_B
     expected = """name: 'n'
-        layer { name: 'pair' type: 'DummyData' top: 'a' top: 'b' }
+        layer { name: 'pair' type: 'DummyData' top: 'a' top: 'b'
+                loss_weight: 0 loss_weight: 0 }
         layer { name: 'a_pair_0_split' type: 'Split' bottom: 'a'
                 top: 'a_pair_0_split_0' top: 'a_pair_0_split_1'
                 loss_weight: 1.5 loss_weight: 0 }
@@ -327,7 +344,8 @@ def test_deviation_both_weighted_tops_fanned_out():
     source = _TWO_TOP.replace("LW_A", "1.5").replace("LW_B", "2") + _USE_B
     source += "layer { name: 'again_b' type: 'ReLU' bottom: 'b' top: 'rb2' }"
     actual = _check(source, """name: 'n'
-        layer { name: 'pair' type: 'DummyData' top: 'a' top: 'b' }
+        layer { name: 'pair' type: 'DummyData' top: 'a' top: 'b'
+                loss_weight: 0 loss_weight: 0 }
         layer { name: 'a_pair_0_split' type: 'Split' bottom: 'a'
                 top: 'a_pair_0_split_0' top: 'a_pair_0_split_1'
                 loss_weight: 1.5 loss_weight: 0 }
@@ -356,3 +374,21 @@ def test_bottom_produced_later_is_unknown():
         insert_splits(_net("""
             layer { name: 'use' type: 'ReLU' bottom: 'later' top: 'x' }
             layer { name: 'make' type: 'Input' top: 'later' }"""))
+
+
+def test_loss_layer_top_fanned_out_is_counted_once():
+    # The loss layer's top 'l' (weight 2) also feeds a ReLU.  After the split,
+    # the loss is carried by split top 0 alone; the loss layer keeps an
+    # explicit weight 0 instead of its default 1.
+    net = netlite.Net("""
+        layer { name: 'in' type: 'Input' top: 'a' top: 'b'
+                input_param { shape { dim: 2 dim: 3 } } }
+        layer { name: 'loss' type: 'EuclideanLoss' bottom: 'a' bottom: 'b'
+                top: 'l' loss_weight: 2 }
+        layer { name: 'r' type: 'ReLU' bottom: 'l' top: 'r' }""")
+    assert net.layer_names == ["in", "loss", "l_loss_0_split", "r"]
+    net.forward(a=np.ones((2, 3)), b=np.zeros((2, 3)))
+    value = float(net.blobs["l"].data)
+    assert value == 1.5  # 6 / (2 * 2)
+    assert net.loss == 2 * value
+    assert net.layers[1].loss(0) == 0.0 and net.layers[2].loss(0) == 2.0

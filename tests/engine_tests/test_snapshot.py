@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import netlite
-from netlite import io, rng
+from netlite import io, registry, rng
 from netlite.layer import TRAIN, Layer
 from netlite.proto import netlite_pb2
 from netlite.registry import register_layer
@@ -85,7 +85,11 @@ class SnapshotTestShuffledDataLayer(Layer):
         self.order = order if order.size else None
 
 
-if "SnapshotTestShuffledData" not in netlite.layer_types():
+@pytest.fixture(autouse=True)
+def _register_test_layer(monkeypatch):
+    # Registered for the duration of each test only, on a copy of the
+    # registry: the layout rules (tests/test_layout.py) apply to real layers.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     register_layer("SnapshotTestShuffledData")(SnapshotTestShuffledDataLayer)
 
 

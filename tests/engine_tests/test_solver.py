@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 
 import netlite
+from netlite import registry
 from netlite.layer import Layer
 from netlite.proto import netlite_pb2
 from netlite.registry import register_layer
@@ -98,7 +99,11 @@ class SolverTestArrayDataLayer(Layer):
         self.cursor = int(state["cursor"])
 
 
-if "SolverTestArrayData" not in netlite.layer_types():
+@pytest.fixture(autouse=True)
+def _register_test_layer(monkeypatch):
+    # Registered for the duration of each test only, on a copy of the
+    # registry: the layout rules (tests/test_layout.py) apply to real layers.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     register_layer("SolverTestArrayData")(SolverTestArrayDataLayer)
 
 
