@@ -11,11 +11,14 @@ Measures, in one process and with the same thread count everywhere:
 
 Architecture: Caffe's LeNet (conv 20@5x5, max-pool 2, conv 50@5x5, max-pool
 2, 500-unit inner product, ReLU, 10-unit inner product), float32.  Inputs
-are random; throughput does not depend on the values.
+are random images and labels, 16 batches used in turn, identical for both
+frameworks.
 
-Each measurement warms up (JIT compilation, buffer allocation), then times
-``--repeats`` blocks of at least ``--min-time`` seconds and reports the
-median rate.  Usage::
+Every measurement warms up first (JIT compilation, buffer allocation).
+Then all of them are timed in turns: ``--repeats`` rounds, each with one
+block of at least ``--min-time`` seconds per measurement. The median rate
+is reported. Taking turns means a slow period on a shared machine hits
+every engine, not only the one that happened to be running.  Usage::
 
     python benchmarks/bench_lenet.py                 # numpy, numba (+cupy) vs torch
     python benchmarks/bench_lenet.py --threads 2 --engines numba
@@ -68,27 +71,61 @@ def _set_thread_env(threads):
         os.environ[var] = str(threads)
 
 
-def measure(step, batch, repeats, min_time, sync=None):
-    """Median images/s of ``step`` (one batch per call) over timed blocks."""
-    for _ in range(3):  # compile, allocate, settle caches
-        step()
-    if sync:
-        sync()
-    t = time.perf_counter()
-    step()
-    if sync:
-        sync()
-    single = max(time.perf_counter() - t, 1e-6)
-    n = max(1, math.ceil(min_time / single))
-    rates = []
-    for _ in range(repeats):
+def _batches(gen, count=16):
+    """``count`` training batches of random images and labels.
+
+    Cycling through several batches keeps the loss near its starting value;
+    one batch repeated would be learnt by heart, and the tiny gradients
+    that follow can hit subnormal-number slow paths in any engine.
+    """
+    import numpy as np
+
+    return [(gen.random((TRAIN_BATCH, 1, 28, 28), dtype=np.float32),
+             gen.integers(0, 10, TRAIN_BATCH)) for _ in range(count)]
+
+
+class Timed:
+    """One thing to time: ``step()`` processes ``batch`` images."""
+
+    def __init__(self, step, batch, sync=None, before=None):
+        self.step, self.batch, self.sync, self.before = step, batch, sync, before
+        self.n, self.rates = 1, []
+
+    def _run(self, n):
+        if self.before:
+            self.before()
         t = time.perf_counter()
         for _ in range(n):
-            step()
-        if sync:
-            sync()
-        rates.append(n * batch / (time.perf_counter() - t))
-    return statistics.median(rates)
+            self.step()
+        if self.sync:
+            self.sync()
+        return time.perf_counter() - t
+
+    def warm_up(self, min_time):
+        """Compile, allocate, then size a block to last ``min_time`` s."""
+        self._run(3)
+        single = max(self._run(1), 1e-6)
+        self.n = max(1, math.ceil(min_time / single))
+
+    def block(self):
+        self.rates.append(self.n * self.batch / self._run(self.n))
+
+    @property
+    def median(self):
+        return statistics.median(self.rates)
+
+
+def measure_all(timed, repeats, min_time):
+    """Warm every entry up, then time them in turns, ``repeats`` rounds.
+
+    Interleaving the blocks spreads any slow period of a shared machine
+    over all engines instead of one.
+    """
+    for t in timed:
+        t.warm_up(min_time)
+    for _ in range(repeats):
+        for t in timed:
+            t.block()
 
 
 # ----------------------------------------------------------------- netlite
@@ -106,8 +143,8 @@ def _lenet_train_param():
     return net
 
 
-def netlite_engine(engine, repeats, min_time):
-    """(train images/s, inference images/s) for one netlite engine."""
+def netlite_engine(engine):
+    """(train, inference) :class:`Timed` entries for one netlite engine."""
     import numpy as np
 
     import netlite
@@ -120,9 +157,17 @@ def netlite_engine(engine, repeats, min_time):
 
         def sync():
             cupy.cuda.Device().synchronize()
+
+        before = None
     else:
         netlite.set_mode_cpu()
-        netlite.set_cpu_engine(engine)
+
+        def before():
+            # The CPU engine is a process-wide choice: re-select it before
+            # each block, since blocks of different engines take turns.
+            netlite.set_cpu_engine(engine)
+
+        before()
         sync = None
 
     solver_param = io.SolverParameter(
@@ -132,27 +177,34 @@ def netlite_engine(engine, repeats, min_time):
     )
     solver_param.train_net_param.CopyFrom(_lenet_train_param())
     solver = netlite.get_solver(solver_param)
-    rng = np.random.default_rng(0)
     net = solver.net
     xp = net.blobs["data"].xp
-    net.blobs["data"].data[...] = xp.asarray(
-        rng.random((TRAIN_BATCH, 1, 28, 28), dtype=np.float32))
-    net.blobs["label"].data[...] = xp.asarray(
-        rng.integers(0, 10, TRAIN_BATCH).astype(np.float32))
-    train = measure(lambda: solver.step(1), TRAIN_BATCH, repeats, min_time, sync)
+    batches = [(xp.asarray(x), xp.asarray(y.astype(np.float32)))
+               for x, y in _batches(np.random.default_rng(0))]
+    position = [0]
+
+    def train_step():
+        # A new batch every iteration, as a data layer would provide.
+        x, y = batches[position[0] % len(batches)]
+        position[0] += 1
+        net.blobs["data"].data[...] = x
+        net.blobs["label"].data[...] = y
+        solver.step(1)
 
     deploy = netlite.Net(DEPLOY, netlite.TEST)
-    images = xp.asarray(rng.random((INFER_BATCH, 1, 28, 28), dtype=np.float32))
+    images = xp.asarray(
+        np.random.default_rng(1).random((INFER_BATCH, 1, 28, 28), dtype=np.float32))
     deploy.forward(data=images)  # reshape once to the batch
-    infer = measure(lambda: deploy.forward(), INFER_BATCH, repeats, min_time, sync)
     if engine == "cupy":
         netlite.set_mode_cpu()
-    return train, infer
+    return (Timed(train_step, TRAIN_BATCH, sync, before),
+            Timed(deploy.forward, INFER_BATCH, sync, before))
 
 
 # ----------------------------------------------------------------- PyTorch
-def torch_lenet(threads, repeats, min_time):
-    """(train images/s, inference images/s) for PyTorch on the CPU."""
+def torch_lenet(threads):
+    """(train, inference) :class:`Timed` entries for PyTorch on the CPU."""
+    import numpy as np
     import torch
     from torch import nn
 
@@ -166,25 +218,26 @@ def torch_lenet(threads, repeats, min_time):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
                           weight_decay=0.0005)
     loss_fn = nn.CrossEntropyLoss()
-    x = torch.rand(TRAIN_BATCH, 1, 28, 28)
-    y = torch.randint(0, 10, (TRAIN_BATCH,))
+    batches = [(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+               for x, y in _batches(np.random.default_rng(0))]
+    position = [0]
 
-    def step():
+    def train_step():
+        x, y = batches[position[0] % len(batches)]
+        position[0] += 1
         opt.zero_grad(set_to_none=False)
         loss_fn(model(x), y).backward()
         opt.step()
 
-    model.train()
-    train = measure(step, TRAIN_BATCH, repeats, min_time)
-    model.eval()
     xi = torch.rand(INFER_BATCH, 1, 28, 28)
 
     def infer_step():
         with torch.inference_mode():
             torch.softmax(model(xi), dim=1)
 
-    infer = measure(infer_step, INFER_BATCH, repeats, min_time)
-    return train, infer
+    # train() / eval() change nothing in this model (no dropout or batch
+    # norm), so one model serves both measurements.
+    return Timed(train_step, TRAIN_BATCH), Timed(infer_step, INFER_BATCH)
 
 
 def _machine():
@@ -221,29 +274,33 @@ def main(argv=None):
 
         numba.set_num_threads(args.threads)
 
-    rows = []
+    entries = []  # (name, train Timed, inference Timed)
     versions = [f"NumPy {np.__version__}"]
     for engine in engines:
-        print(f"netlite {engine} ...", file=sys.stderr, flush=True)
-        rows.append((f"netlite {engine}",) + netlite_engine(
-            engine, args.repeats, args.min_time))
+        print(f"setting up netlite {engine} ...", file=sys.stderr, flush=True)
+        entries.append((f"netlite {engine}",) + netlite_engine(engine))
     if "numba" in engines:
         versions.append(f"Numba {numba.__version__}")
-    reference = None
+    has_torch = False
     if not args.no_torch:
         try:
             import torch
         except ImportError:
             print("PyTorch is not installed: skipping it", file=sys.stderr)
         else:
-            print("PyTorch ...", file=sys.stderr, flush=True)
-            reference = torch_lenet(args.threads, args.repeats, args.min_time)
-            rows.append((f"PyTorch {torch.__version__} (CPU)",) + reference)
+            entries.append((f"PyTorch {torch.__version__} (CPU)",)
+                           + torch_lenet(args.threads))
             versions.append(f"PyTorch {torch.__version__}")
+            has_torch = True
+    print("timing ...", file=sys.stderr, flush=True)
+    measure_all([t for _, train, infer in entries for t in (train, infer)],
+                args.repeats, args.min_time)
+    rows = [(name, train.median, infer.median) for name, train, infer in entries]
+    reference = rows[-1][1:] if has_torch else None
 
     print(f"# LeNet throughput, {args.threads} threads; {_machine()}")
-    print(f"# {', '.join(versions)}; median of {args.repeats} blocks of "
-          f">= {args.min_time:g} s")
+    print(f"# {', '.join(versions)}; median of {args.repeats} interleaved blocks "
+          f"of >= {args.min_time:g} s")
     head = ("| engine | train img/s (batch 64) | vs PyTorch | "
             "inference img/s (batch 1000) | vs PyTorch |")
     print(head)

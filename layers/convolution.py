@@ -391,12 +391,15 @@ class ConvolutionLayer(Layer):
         for i, (b, t) in enumerate(zip(bottom, top)):
             if not (want_w or want_b or propagate_down[i]):
                 continue
-            dybuf = self._buffer("dy", (o, n * oh * ow))
-            kern.conv_bwd_top_diff(t.diff.reshape(n, o, oh * ow), dybuf)
+            dy3 = t.diff.reshape(n, o, oh * ow)
+            if propagate_down[i]:
+                dybuf = self._buffer("dy", (o, n * oh * ow))
+                kern.conv_bwd_top_diff(dy3, dybuf)
             if want_b:
-                # NumPy's pairwise summation of the contiguous rows.
                 db = self._buffer("db", (o,))
-                np.sum(dybuf, axis=1, out=db)
+                # Sum the (O, N*P) copy's contiguous rows when there is one.
+                np.sum(dybuf if propagate_down[i] else dy3,
+                       axis=1 if propagate_down[i] else (0, 2), out=db)
                 self.blobs[1].diff += db
             if want_w:
                 col = self._buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
@@ -405,12 +408,19 @@ class ConvolutionLayer(Layer):
                     # reshape since): rebuild without marking it cached.
                     kern.conv_im2col(b.data.reshape(n, c, h, w), col, *k, *s, *p,
                                      *d, oh, ow)
-                dw = self._buffer("dw", wmat.shape)
+                dyt = self._buffer("dyt", (n * oh * ow, o))
+                kern.conv_bwd_top_diff_t(dy3, dyt)
+                # dW^T = col @ dy^T per group, (kg, N*P) @ (N*P, og): two
+                # row-major operands, faster in BLAS than dy @ col.T.
+                dwt = self._buffer("dwt", (wmat.shape[1], o))
                 for o_rows, k_rows in groups:
-                    np.matmul(dybuf[o_rows], col[k_rows].T, out=dw[o_rows])
-                self.blobs[0].diff.reshape(wmat.shape)[...] += dw
+                    np.matmul(col[k_rows], dyt[:, o_rows], out=dwt[:, o_rows])
+                self.blobs[0].diff.reshape(wmat.shape)[...] += dwt.T
             if propagate_down[i]:
-                dcol = self._buffer("dcol", (c * k[0] * k[1], n * oh * ow))
+                # The columns are spent: their gradient reuses the buffer,
+                # which keeps the working set (and cache misses) smaller.
+                dcol = self._buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
+                self._col_cached[i] = False
                 for o_rows, k_rows in groups:
                     np.matmul(wmat[o_rows].T, dybuf[o_rows], out=dcol[k_rows])
                 kern.conv_col2im(dcol, b.diff.reshape(n, c, h, w), *k, *s, *p, *d,

@@ -10,11 +10,14 @@ these kernels do the memory-bound parts around it:
   them back (col2im zeroes its output first: bottom diffs are overwritten);
 * :func:`conv_fwd_output` -- ``(O, N*P)`` GEMM result -> ``(N, O, P)`` top,
   plus the bias;
-* :func:`conv_bwd_top_diff` -- ``(N, O, P)`` top diff -> ``(O, N*P)`` GEMM
-  operand.
+* :func:`conv_bwd_top_diff` / :func:`conv_bwd_top_diff_t` -- ``(N, O, P)``
+  top diff -> ``(O, N*P)`` / ``(N*P, O)`` GEMM operands.
 
-Every ``prange`` iteration writes a disjoint part of the output, so the
-parallel loops are race-free.  No kernel allocates.
+The kernels are serial on purpose: NumPy's BLAS already runs the GEMMs on
+all cores, and a second thread pool (Numba's) next to it makes both spin
+against each other between calls -- measured on the 2-core target, LeNet's
+convolution and pooling layers took 4x longer with ``parallel=True``.
+No kernel allocates.
 
 The kernels index flat (1-D) views of C-contiguous arrays with unsigned
 indices (:func:`_u`): Numba checks every signed index for Python's
@@ -24,7 +27,6 @@ loops (a 3-7x slowdown measured on im2col).
 
 import numba
 import numpy as np
-from numba import prange
 
 
 @numba.njit(cache=False, inline="always")
@@ -48,7 +50,7 @@ def _valid_range(n_out, stride, offset, size):
     return lo, hi
 
 
-@numba.njit(cache=False, parallel=True)
+@numba.njit(cache=False)
 def conv_im2col(x, col, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
     """Gather every kernel tap of every output position into ``col``.
 
@@ -63,7 +65,7 @@ def conv_im2col(x, col, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
 
     Notes
     -----
-    One task per input plane ``(n, c)``: it reads that plane (which stays
+    One pass per input plane ``(n, c)``: it reads that plane (which stays
     in cache) and writes its ``kh * kw`` rows' segment of image ``n``.
     Taps in the padding read 0.
     """
@@ -72,7 +74,7 @@ def conv_im2col(x, col, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
     cf = col.reshape(-1)
     n_cols = col.shape[1]
     plane = oh_n * ow_n
-    for task in prange(n_img * channels):
+    for task in range(n_img * channels):
         n = task // channels
         c = task - n * channels
         src0 = task * height * width
@@ -102,19 +104,19 @@ def conv_im2col(x, col, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
                         cf[_u(dst + ow)] = 0
 
 
-@numba.njit(cache=False, parallel=True)
+@numba.njit(cache=False)
 def conv_col2im(col, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
     """Overwrite ``dx`` with the adjoint of :func:`conv_im2col` of ``col``.
 
-    One task per ``(n, c)`` plane of ``dx``, so overlapping windows
-    accumulate without races; taps in the padding are dropped.
+    One pass per ``(n, c)`` plane of ``dx``, which stays in cache while
+    the overlapping windows accumulate; taps in the padding are dropped.
     """
     n_img, channels, height, width = dx.shape
     df = dx.reshape(-1)
     cf = col.reshape(-1)
     n_cols = col.shape[1]
     plane = oh_n * ow_n
-    for task in prange(n_img * channels):
+    for task in range(n_img * channels):
         n = task // channels
         c = task - n * channels
         dst0 = task * height * width
@@ -138,7 +140,7 @@ def conv_col2im(col, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
                             df[_u(dst + ow * sw)] += cf[_u(src + ow)]
 
 
-@numba.njit(cache=False, parallel=True)
+@numba.njit(cache=False)
 def conv_fwd_output(ybuf, bias, y):
     """``y[n, o, p] = ybuf[o, n * P + p] + bias[o]``.
 
@@ -154,7 +156,7 @@ def conv_fwd_output(ybuf, bias, y):
     yf = y.reshape(-1)
     bf = ybuf.reshape(-1)
     n_cols = ybuf.shape[1]
-    for task in prange(n_img * n_out):
+    for task in range(n_img * n_out):
         n = task // n_out
         o = task - n * n_out
         b = bias[o]
@@ -164,7 +166,7 @@ def conv_fwd_output(ybuf, bias, y):
             yf[_u(dst + q)] = bf[_u(src + q)] + b
 
 
-@numba.njit(cache=False, parallel=True)
+@numba.njit(cache=False)
 def conv_bwd_top_diff(dy, dybuf):
     """``dybuf[o, n * P + p] = dy[n, o, p]`` (the transpose of
     :func:`conv_fwd_output`, without the bias)."""
@@ -172,10 +174,26 @@ def conv_bwd_top_diff(dy, dybuf):
     df = dy.reshape(-1)
     bf = dybuf.reshape(-1)
     n_cols = dybuf.shape[1]
-    for task in prange(n_img * n_out):
+    for task in range(n_img * n_out):
         n = task // n_out
         o = task - n * n_out
         src = task * plane
         dst = o * n_cols + n * plane
         for q in range(plane):
             bf[_u(dst + q)] = df[_u(src + q)]
+
+
+@numba.njit(cache=False)
+def conv_bwd_top_diff_t(dy, dyt):
+    """``dyt[n * P + p, o] = dy[n, o, p]`` (the weight gradient's operand:
+    ``col @ dyt`` multiplies two row-major matrices, which BLAS does
+    faster than ``dybuf @ col.T``)."""
+    n_img, n_out, plane = dy.shape
+    df = dy.reshape(-1)
+    tf = dyt.reshape(-1)
+    for n in range(n_img):
+        for q in range(plane):
+            dst = (n * plane + q) * n_out
+            src = n * n_out * plane + q
+            for o in range(n_out):
+                tf[_u(dst + o)] = df[_u(src + o * plane)]

@@ -253,8 +253,17 @@ class PoolingLayer(Layer):
         y = top[0].data
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.pad
         if self.pool == MAX:
-            kern.pool_max_fwd(x, y, self._argmax, kh, kw, sh, sw, ph, pw,
-                              x.dtype.type(-FLT_MAX))
+            lowest = x.dtype.type(-FLT_MAX)
+            h, w = x.shape[2:]
+            out_h, out_w = self.out_shape
+            # The common 2x2 window, when no window needs clipping, has an
+            # unrolled kernel (3x faster).
+            if ((kh, kw, ph, pw) == (2, 2, 0, 0) and (out_h - 1) * sh + 2 <= h
+                    and (out_w - 1) * sw + 2 <= w):
+                kern.pool_max_fwd_2x2(x, y, self._argmax, sh, sw, lowest)
+            else:
+                kern.pool_max_fwd(x, y, self._argmax, kh, kw, sh, sw, ph, pw,
+                                  lowest)
             if len(top) > 1:
                 top[1].data[...] = self._argmax
         else:

@@ -1,13 +1,13 @@
 """Numba kernels for the Pooling layer's CPU engine.
 
-Each kernel runs one ``prange`` task per ``(n, c)`` channel plane: the
-planes are independent, so the parallel loops are race-free (overlapping
-windows inside a plane are summed by one task).  The window rules are
-Caffe's (docs/layers/pooling.md): window ``(i, j)`` starts at
+Each kernel handles one ``(n, c)`` channel plane at a time (overlapping
+windows inside a plane are summed while it is in cache).  The window
+rules are Caffe's (docs/layers/pooling.md): window ``(i, j)`` starts at
 ``(i * sh - ph, j * sw - pw)``; MAX clips it to the image, AVE clips its
 divisor to the padded image and its sum to the image.  No kernel
 allocates; float scalars come in with the arrays' dtype, so float32
-kernels stay float32.
+kernels stay float32.  The kernels are serial for the reason given in
+convolution_numba (BLAS owns the cores).
 
 As in convolution_numba, the kernels index flat views of C-contiguous
 arrays with unsigned indices (:func:`_u`), which spares Numba's negative
@@ -16,7 +16,6 @@ wrap-around test on every access.
 
 import numba
 import numpy as np
-from numba import prange
 
 
 @numba.njit(cache=False, inline="always")
@@ -25,7 +24,7 @@ def _u(i):
     return np.uint64(i)
 
 
-@numba.njit(cache=False, parallel=True)
+@numba.njit(cache=False)
 def pool_max_fwd(x, y, argmax, kh, kw, sh, sw, ph, pw, lowest):
     """Max pooling with Caffe's tie and padding rules.
 
@@ -47,9 +46,9 @@ def pool_max_fwd(x, y, argmax, kh, kw, sh, sw, ph, pw, lowest):
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     af = argmax.reshape(-1)
-    for task in prange(n_img * channels):
-        src = task * height * width
-        dst = task * out_h * out_w
+    for plane in range(n_img * channels):
+        src = plane * height * width
+        dst = plane * out_h * out_w
         for i in range(out_h):
             h0 = i * sh - ph
             h1 = min(h0 + kh, height)
@@ -70,19 +69,60 @@ def pool_max_fwd(x, y, argmax, kh, kw, sh, sw, ph, pw, lowest):
                 af[_u(dst + i * out_w + j)] = where
 
 
-@numba.njit(cache=False, parallel=True)
+@numba.njit(cache=False)
+def pool_max_fwd_2x2(x, y, argmax, sh, sw, lowest):
+    """:func:`pool_max_fwd` for 2x2 windows that all lie inside the image
+    (no padding, no overhang): the four taps unrolled in raster order,
+    about 3x faster than the general loops for LeNet's pooling layers."""
+    n_img, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
+    af = argmax.reshape(-1)
+    for plane in range(n_img * channels):
+        src = plane * height * width
+        dst = plane * out_h * out_w
+        for i in range(out_h):
+            r0 = i * sh * width
+            r1 = r0 + width
+            for j in range(out_w):
+                c0 = j * sw
+                best = lowest
+                where = -1
+                v = xf[_u(src + r0 + c0)]
+                if v > best:
+                    best = v
+                    where = r0 + c0
+                v = xf[_u(src + r0 + c0 + 1)]
+                if v > best:
+                    best = v
+                    where = r0 + c0 + 1
+                v = xf[_u(src + r1 + c0)]
+                if v > best:
+                    best = v
+                    where = r1 + c0
+                v = xf[_u(src + r1 + c0 + 1)]
+                if v > best:
+                    best = v
+                    where = r1 + c0 + 1
+                yf[_u(dst)] = best
+                af[_u(dst)] = where
+                dst += 1
+
+
+@numba.njit(cache=False)
 def pool_max_bwd(dy, argmax, dx):
     """Overwrite ``dx`` with zeros, then ``dx[argmax] += dy`` per plane."""
     n_img, channels, height, width = dx.shape
     out_h, out_w = dy.shape[2], dy.shape[3]
-    plane, out_plane = height * width, out_h * out_w
+    in_plane, out_plane = height * width, out_h * out_w
     df = dx.reshape(-1)
     gf = dy.reshape(-1)
     af = argmax.reshape(-1)
-    for task in prange(n_img * channels):
-        dst = task * plane
-        src = task * out_plane
-        for q in range(dst, dst + plane):
+    for plane in range(n_img * channels):
+        dst = plane * in_plane
+        src = plane * out_plane
+        for q in range(dst, dst + in_plane):
             df[_u(q)] = 0
         for q in range(src, src + out_plane):
             where = af[_u(q)]
@@ -90,7 +130,7 @@ def pool_max_bwd(dy, argmax, dx):
                 df[_u(dst + where)] += gf[_u(q)]
 
 
-@numba.njit(cache=False, parallel=True)
+@numba.njit(cache=False)
 def pool_ave_fwd(x, y, area, kh, kw, sh, sw, ph, pw, zero):
     """Average pooling: in-image sum over ``area[i, j]`` (the window
     clipped to the padded image, precomputed by the layer in x's dtype).
@@ -100,9 +140,9 @@ def pool_ave_fwd(x, y, area, kh, kw, sh, sw, ph, pw, zero):
     out_h, out_w = y.shape[2], y.shape[3]
     xf = x.reshape(-1)
     yf = y.reshape(-1)
-    for task in prange(n_img * channels):
-        src = task * height * width
-        dst = task * out_h * out_w
+    for plane in range(n_img * channels):
+        src = plane * height * width
+        dst = plane * out_h * out_w
         for i in range(out_h):
             h0 = max(i * sh - ph, 0)
             h1 = min(i * sh - ph + kh, height)
@@ -116,7 +156,7 @@ def pool_ave_fwd(x, y, area, kh, kw, sh, sw, ph, pw, zero):
                 yf[_u(dst + i * out_w + j)] = acc / area[i, j]
 
 
-@numba.njit(cache=False, parallel=True)
+@numba.njit(cache=False)
 def pool_ave_bwd(dy, dx, area, kh, kw, sh, sw, ph, pw):
     """Overwrite ``dx``: every in-image element of window ``(i, j)``
     receives ``dy[i, j] / area[i, j]``."""
@@ -124,9 +164,9 @@ def pool_ave_bwd(dy, dx, area, kh, kw, sh, sw, ph, pw):
     out_h, out_w = dy.shape[2], dy.shape[3]
     df = dx.reshape(-1)
     gf = dy.reshape(-1)
-    for task in prange(n_img * channels):
-        dst = task * height * width
-        src = task * out_h * out_w
+    for plane in range(n_img * channels):
+        dst = plane * height * width
+        src = plane * out_h * out_w
         for q in range(dst, dst + height * width):
             df[_u(q)] = 0
         for i in range(out_h):

@@ -30,7 +30,9 @@ docs/engine/solvers.md.
 
 import math
 
-from netlite.solver import Solver, SolverParameterError, register_solver
+from netlite.solver import Solver
+from netlite.solver_param import SolverParameterError
+from netlite.solver_registry import register_solver
 
 
 @register_solver("SGD")

@@ -461,3 +461,44 @@ def test_history_leaves_out_vector_outputs():
     history.add_test(10, {"accuracy": np.float32(0.75)})
     assert history.tests == {0: {"accuracy": [(0, 0.5), (10, 0.75)]}}
     assert history.accuracy_outputs() == [(0, "accuracy")]
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg") or sys.platform == "win32",
+                    reason="needs POSIX signals")
+def test_real_sigint_snapshots_and_exits_130(solver_file, tmp_path):
+    import signal
+
+    # Train "forever" (the two-class net is fast), interrupt once the log
+    # shows training is under way.
+    with open(solver_file, encoding="utf-8") as f:
+        text = f.read()
+    forever = _write(tmp_path / "forever_solver.prototxt",
+                     text.replace("max_iter: 40", "max_iter: 100000000")
+                     .replace("snapshot: 20", "snapshot: 0"))
+    # A shell may start this process with SIGINT ignored, and children
+    # inherit that; the child restores the default (KeyboardInterrupt).
+    code = ("import signal, sys; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from netlite.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "train", "--solver", forever],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if re.search(r"\] Iteration 100 \(", line):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err
+    match = re.search(r"interrupted at iteration (\d+); snapshot written: (\S+)",
+                      err)
+    assert match, err
+    state = match.group(2)
+    assert state.endswith(f"_iter_{match.group(1)}.solverstate")
+    assert os.path.isfile(state)
+    assert os.path.isfile(state.replace(".solverstate", ".caffemodel"))
+    assert "Interrupted: snapshotting iteration" in out

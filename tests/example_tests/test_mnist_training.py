@@ -4,9 +4,11 @@ Trains examples/mnist/lenet_train_test.prototxt with Caffe's solver settings
 (lenet_solver.prototxt) for 500 iterations (about half an epoch, Caffe's
 first test point) on the Numba engine, then scores the first 2,000 test
 images.  The full schedule reaches 97.6 % on the whole test set at that
-point; the test asks for 95 %.  A broken backward pass anywhere in the stack
-(convolution, pooling, inner product, ReLU, softmax loss, solver update)
-leaves the net near chance (about 10 %), so this fails loudly.
+point; the test asks for 95 %.  Accuracy alone is a weak witness of
+backprop: with the convolutions' gradients lost, the random conv features
+plus trained inner products still reach about 93 %.  So the test also
+checks that every layer's weights moved much further than weight decay
+alone would move them.
 
 MNIST is found through netlite.datasets ($NETLITE_DATA, which CI sets to
 ../shared/datasets); without it the tests skip and say where to put it.
@@ -68,6 +70,8 @@ def trained(tmp_path_factory):
         param.snapshot_after_train = False
         param.display = 0
         solver = netlite.get_solver(param)
+        initial = {name: blobs[0].data.copy()
+                   for name, blobs in solver.net.params.items()}
         losses = []
         solver.add_callback(on_iteration=lambda it, loss, smooth, lr:
                             losses.append(loss))
@@ -77,11 +81,27 @@ def trained(tmp_path_factory):
         solver.net.save(weights)
     finally:
         backend.set_cpu_engine(previous)
-    return solver, scores, losses, weights
+    changes = {
+        name: float(np.linalg.norm(blobs[0].data - initial[name])
+                    / np.linalg.norm(initial[name]))
+        for name, blobs in solver.net.params.items()
+    }
+    return solver, scores, losses, weights, changes
+
+
+def test_every_layer_learns(trained):
+    # Weight decay alone moves each weight blob by about 2 % of its norm in
+    # 500 iterations; gradients move every layer by well over 10 %.  A layer
+    # whose weight gradient is lost (or never reaches it, because a layer
+    # above drops the bottom diff) stays near 2 %.
+    *_, changes = trained
+    assert set(changes) == {"conv1", "conv2", "ip1", "ip2"}
+    for name, change in changes.items():
+        assert change > 0.08, (name, changes)
 
 
 def test_lenet_learns_mnist(trained):
-    solver, scores, losses, _ = trained
+    solver, scores, losses, *_ = trained
     assert solver.iter == TRAIN_ITERS
     assert len(losses) == TRAIN_ITERS and np.all(np.isfinite(losses))
     # ln(10) = 2.30 at the start; a working net is far below it by now.
@@ -91,7 +111,7 @@ def test_lenet_learns_mnist(trained):
 
 
 def test_deploy_net_classifies_with_the_trained_weights(trained):
-    solver, _, _, weights = trained
+    solver, _, _, weights, _ = trained
     classify = _load_classify()
     backend.set_cpu_engine(ENGINE)  # conftest restores the engine
 
@@ -118,7 +138,7 @@ def test_deploy_net_classifies_with_the_trained_weights(trained):
 
 
 def test_classify_script_reports_accuracy(trained, capsys):
-    _, _, _, weights = trained
+    weights = trained[3]
     classify = _load_classify()
     assert classify.main(["--weights", weights, "--count", "500", "--show", "3",
                           "--engine", ENGINE]) == 0

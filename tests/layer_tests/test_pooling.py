@@ -358,6 +358,8 @@ def test_no_propagate_down_leaves_bottom_diff(bottom, dtype, engine):
 # -------------------------------------------------------- numba parity
 PARITY_CASES = {
     "lenet_max": ({"kernel_size": 2, "stride": 2}, (3, 4, 8, 8), 1),
+    "max_2x2_overlap": ({"kernel_size": 2, "stride": 1}, (2, 3, 5, 4), 2),
+    "max_2x2_overhang": ({"kernel_size": 2, "stride": 2}, (2, 3, 7, 5), 2),
     "max_mask": ({"kernel_size": 3, "stride": 2}, (2, 3, 7, 6), 2),
     "max_padded_rect": ({"kernel_h": 3, "kernel_w": 2, "stride_h": 2,
                          "stride_w": 1, "pad_h": 1, "pad_w": 1}, (2, 3, 7, 6), 2),
