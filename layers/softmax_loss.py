@@ -22,6 +22,11 @@ VALID = netlite_pb2.LossParameter.VALID
 BATCH_SIZE = netlite_pb2.LossParameter.BATCH_SIZE
 NONE = netlite_pb2.LossParameter.NONE
 
+#: The Numba engine keeps the probabilities (instead of recomputing them
+#: in backward) when they take at most this many bytes: about what stays
+#: in a last-level cache.
+KEEP_PROB_BYTES = 1 << 24
+
 #: Label codes shared by the three engines (``>= 0`` is the class).
 IGNORED, NOT_INTEGER, OUT_OF_RANGE = -1, -2, -3
 
@@ -108,7 +113,7 @@ class SoftmaxWithLossLayer(LossLayer):
         self._state = None  # which engine's forward the backward can use
         self._code = None  # label codes of the last reference/GPU forward
         self._workspace = None  # Numba per-position statistics
-        self._numba_wrote_prob = False
+        self._numba_prob = None
         self._reshape_key = None
 
     def reshape(self, bottom, top):
@@ -244,7 +249,7 @@ class SoftmaxWithLossLayer(LossLayer):
             self._code = ws.pos_label[: self.outer * self.inner].reshape(
                 self.outer, self.inner
             ).copy()
-            if not self._numba_wrote_prob:
+            if self._numba_prob != "prob":
                 self.softmax_layer.forward_cpu(self.softmax_bottom, self.softmax_top)
             self._state = "reference"
             return
@@ -298,15 +303,25 @@ class SoftmaxWithLossLayer(LossLayer):
             ws = self._workspace = softmax_loss_numba.Workspace(self.dtype)
         ws.prepare(self.outer, self.channels, self.inner,
                    bottom[0].count >= PARALLEL_MIN_ELEMENTS)
-        write_prob = len(top) > 1
+        # Keeping prob costs a write and a read of it but saves the backward
+        # an exponential per element: worth it while prob stays in cache.
+        write_prob = len(top) > 1 or (
+            self.inner == 1
+            and bottom[0].count * self.dtype.itemsize <= KEEP_PROB_BYTES
+        )
+        normalise = len(top) > 1 or self.inner > 1
         self._state = None
         loss, valid, first_bad = ws.forward(
             bottom[0].flat_data, bottom[1].flat_data, self.has_ignore_label,
             self.ignore_label, self.prob.flat_data if write_prob else None,
+            normalise,
         )
         if first_bad >= 0:
             raise self._label_error(bottom[1], first_bad)
-        self._state, self._numba_wrote_prob = "numba", write_prob
+        self._state = "numba"
+        # What self.prob holds: "prob", "exp" (exp(x - m), not divided by s;
+        # internal only) or None (stale).
+        self._numba_prob = ("prob" if normalise else "exp") if write_prob else None
         self.valid_count = valid
         dtype = self.dtype.type
         value = dtype(loss) / dtype(self.normalizer(valid))
@@ -327,7 +342,9 @@ class SoftmaxWithLossLayer(LossLayer):
         )
         ws.prepare(self.outer, self.channels, self.inner,
                    bottom[0].count >= PARALLEL_MIN_ELEMENTS)
-        ws.backward(bottom[0].flat_data, scale, bottom[0].flat_diff)
+        ws.backward(bottom[0].flat_data, scale, bottom[0].flat_diff,
+                    self.prob.flat_data if self._numba_prob else None,
+                    self._numba_prob == "prob")
         if len(top) > 1:
             from netlite.layers import softmax_numba
 

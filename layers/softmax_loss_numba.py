@@ -6,12 +6,20 @@ k``).  Imported lazily by
 :class:`netlite.layers.softmax_loss.SoftmaxWithLossLayer`.  See
 docs/layers/softmax_loss.md, "Numba engine".
 
-The forward never materialises the probabilities unless the layer has its
-second top: it keeps, per position, the max ``m_p`` and ``s_p = sum_c
-exp(x - m_p)`` (float64) and the checked label, and the backward
-recomputes ``prob = exp(x - m_p) / s_p`` on the fly.  That is one read of
-the scores in the forward and one read plus one write in the backward,
-against the reference's five full passes.  The exponential, the pairwise
+Two strategies, chosen by the layer:
+
+* **prob kept** (the second top exists, or the probabilities fit in the
+  cache): the forward writes ``prob`` (max; exp and sum; scale, one
+  exponential per element -- without the final scaling when ``prob`` is
+  not a top, the backward folding ``1 / s`` into its own scale) and the
+  backward is ``dx = scale * (prob - onehot)`` with no exponential at all;
+* **statistics only** (large inputs): the forward keeps, per position, the
+  max ``m_p`` and ``s_p = sum_c exp(x - m_p)`` (float64), computed online in
+  one pass, and the backward recomputes ``prob = exp(x - m_p) / s_p`` on the
+  fly.  That is one read of the scores in the forward and one read plus one
+  write in the backward: the fewest memory passes possible.
+
+Either way the checked label of every position is kept.  The exponential, the pairwise
 block reductions and the parallel/serial builds come from
 :mod:`netlite.layers.softmax_numba`.
 
@@ -30,6 +38,8 @@ from netlite.layers.softmax_numba import (
     cast_like,
     exp_nonpos,
     num_chunks,
+    row_exp_sum,
+    row_max,
     row_max_sumexp,
     tile_width,
 )
@@ -81,7 +91,8 @@ def _tally(pos_label, pos_loss):
 
 # -------------------------------------------------------------- row kernels
 def _loss_fwd_rows(x, label, outer, n, has_ignore, ignore_label, pos_max,
-                   pos_sum, pos_label, pos_loss, prob, write_prob, buf):
+                   pos_sum, pos_label, pos_loss, prob, write_prob, normalise,
+                   buf):
     nchunks = buf.shape[0]
     for t in prange(nchunks):
         b = buf[t]
@@ -92,21 +103,34 @@ def _loss_fwd_rows(x, label, outer, n, has_ignore, ignore_label, pos_max,
             if code < 0 and not write_prob:
                 continue  # an ignored row contributes nothing anywhere
             xr = x[i * n:(i + 1) * n]
-            m, s = row_max_sumexp(xr, b)
+            if write_prob:
+                # The softmax proper: max; exp and sum; scale (the scaling
+                # is left to the backward unless prob is a top).
+                pr = prob[i * n:(i + 1) * n]
+                m = row_max(xr, b)
+                s = row_exp_sum(xr, m, pr, b)
+                sd = cast_like(s, m)
+                if normalise:
+                    for c in range(n):
+                        pr[c] = pr[c] / sd
+                    if code >= 0:
+                        pos_loss[i] = _position_loss(pr[code], m)
+                elif code >= 0:
+                    pos_loss[i] = _position_loss(pr[code] / sd, m)
+            else:
+                # Statistics only, in one pass; backward recomputes prob.
+                m, s = row_max_sumexp(xr, b)
+                if code >= 0:
+                    p = exp_nonpos(xr[code] - m) / cast_like(s, m)
+                    pos_loss[i] = _position_loss(p, m)
             pos_max[i] = m
             pos_sum[i] = s
-            sd = cast_like(s, m)
-            if write_prob:
-                pr = prob[i * n:(i + 1) * n]
-                for c in range(n):
-                    pr[c] = exp_nonpos(xr[c] - m) / sd
-            if code >= 0:
-                pos_loss[i] = _position_loss(exp_nonpos(xr[code] - m) / sd, m)
     return _tally(pos_label[:outer], pos_loss[:outer])
 
 
-def _loss_bwd_rows(x, outer, n, pos_max, pos_sum, pos_label, scale, dx,
-                   nchunks):
+def _loss_bwd_rows(x, outer, n, pos_max, pos_sum, pos_label, scale, dx, prob,
+                   from_prob, normalised, nchunks):
+    one = cast_like(1.0, scale)
     for t in prange(nchunks):
         for i in range(t * outer // nchunks, (t + 1) * outer // nchunks):
             dxr = dx[i * n:(i + 1) * n]
@@ -115,6 +139,19 @@ def _loss_bwd_rows(x, outer, n, pos_max, pos_sum, pos_label, scale, dx,
                 for c in range(n):
                     dxr[c] = 0
                 continue
+            if from_prob:
+                pr = prob[i * n:(i + 1) * n]
+                if normalised:
+                    for c in range(n):
+                        dxr[c] = pr[c] * scale
+                    dxr[code] = (pr[code] - one) * scale
+                else:  # pr = exp(x - m), not yet divided by s
+                    sd = cast_like(pos_sum[i], scale)
+                    a = scale / sd
+                    for c in range(n):
+                        dxr[c] = pr[c] * a
+                    dxr[code] = (pr[code] / sd - one) * scale
+                continue
             xr = x[i * n:(i + 1) * n]
             m = pos_max[i]
             sd = cast_like(pos_sum[i], m)
@@ -122,7 +159,7 @@ def _loss_bwd_rows(x, outer, n, pos_max, pos_sum, pos_label, scale, dx,
             for c in range(n):
                 dxr[c] = exp_nonpos(xr[c] - m) * a
             # (p - 1) * scale rather than p * scale - scale: no cancellation.
-            dxr[code] = (exp_nonpos(xr[code] - m) / sd - cast_like(1.0, m)) * scale
+            dxr[code] = (exp_nonpos(xr[code] - m) / sd - one) * scale
 
 
 # ---------------------------------------------------------- strided kernels
@@ -268,7 +305,8 @@ class Workspace:
         self.outer, self.n, self.inner = outer, n, inner
         self.key = key
 
-    def forward(self, x, label, has_ignore, ignore_label, prob):
+    def forward(self, x, label, has_ignore, ignore_label, prob,
+                normalise=True):
         """Fused forward.  Returns ``(loss_sum, valid_count, first_bad)``.
 
         Parameters
@@ -281,6 +319,10 @@ class Workspace:
             ``loss_param.ignore_label`` and whether it is set.
         prob : ndarray or None
             When given (shape of ``x``), the probabilities are written to it.
+        normalise : bool
+            Rows only: with False, ``prob`` receives ``exp(x - m)`` without
+            the division by ``s`` (the backward applies it), saving a pass
+            when nobody else reads ``prob``.
 
         Returns
         -------
@@ -301,7 +343,7 @@ class Workspace:
             return self._fwd(
                 x, label, self.outer, self.n, has_ignore, ignore_label,
                 self.pos_max, self.pos_sum, self.pos_label, self.pos_loss, prob,
-                write_prob, self.buf,
+                write_prob, normalise, self.buf,
             )
         return self._fwd(
             x, label, self.outer, self.n, self.inner, has_ignore, ignore_label,
@@ -309,13 +351,20 @@ class Workspace:
             write_prob, self.width, self.nchunks,
         )
 
-    def backward(self, x, scale, dx):
-        """``dx = scale * (prob - onehot)``, 0 at ignored positions, from
-        the statistics of the last :meth:`forward` (``scale`` =
-        ``loss_weight / normalizer``, a scalar of ``x``'s dtype)."""
+    def backward(self, x, scale, dx, prob=None, normalised=True):
+        """``dx = scale * (prob - onehot)``, 0 at ignored positions (``scale``
+        = ``loss_weight / normalizer``, a scalar of ``x``'s dtype).
+
+        ``prob``: what the last :meth:`forward` wrote there (``normalised``
+        as it was told), read instead of recomputed when given (rows only;
+        the strided kernel always recomputes from the statistics).
+        """
         if self.inner == 1:
+            from_prob = prob is not None
             self._bwd(x, self.outer, self.n, self.pos_max, self.pos_sum,
-                      self.pos_label, scale, dx, self.nchunks)
+                      self.pos_label, scale, dx,
+                      prob if from_prob else self.empty, from_prob, normalised,
+                      self.nchunks)
         else:
             self._bwd(x, self.outer, self.n, self.inner, self.pos_max,
                       self.pos_sum, self.pos_label, scale, dx, self.buf)

@@ -7,10 +7,13 @@ does not import Numba).  See docs/layers/softmax.md, "Numba engine".
 
 Design
 ------
-* **Rows** (``inner == 1``, the classifier case): one pass over each row
-  computes its max ``m`` and ``s = sum_c exp(x_c - m)`` together (online
-  max / sum-exp, block by block), so a row is read once for the
-  statistics however long it is.
+* **Rows** (``inner == 1``, the classifier case): the softmax is three
+  passes over a row (max; ``y = exp(x - m)`` and its sum; ``y /= s``), one
+  exponential per element.  When only the statistics are wanted
+  (SoftmaxWithLoss on large inputs), :func:`row_max_sumexp` computes the
+  max ``m`` and ``s = sum_c exp(x_c - m)`` together in one pass (online
+  max / sum-exp, block by block), so a row is read once however long it
+  is.
 * **Strided** (``inner > 1``): positions ``k`` are processed in tiles of
   ``W`` neighbours, so every inner loop runs over contiguous ``k`` and
   vectorises; the tile's statistics live in a scratch row.
@@ -74,9 +77,10 @@ def _expf_nonpos(d):
     # Cephes expf: d = n ln2 + r with |r| <= ln2 / 2, exp(r) by a minimax
     # polynomial, 2**n built directly in the exponent bits.  The split of
     # ln2 into a short high part and a correction keeps n * ln2 exact.
+    # Domain: d <= 88 (callers pass x - max <= 0); NaN and d below
+    # log(FLT_MIN) are clamped for the arithmetic and fixed up at the end.
     lo = np.float32(_LOG_FLT_MIN)
     dc = d if d > lo else lo
-    dc = dc if dc < np.float32(0.0) else np.float32(0.0)
     nf = np.floor(dc * np.float32(1.4426950408889634) + np.float32(0.5))
     r = dc - nf * np.float32(0.693359375)
     r = r - nf * np.float32(-2.12194440e-4)
@@ -98,7 +102,7 @@ def _expf_nonpos(d):
 
 
 def exp_nonpos(d):
-    """``exp(d)`` for ``d <= 0`` (or NaN), in the dtype of ``d``.
+    """``exp(d)`` for ``d <= 0`` (or NaN, or -inf), in the dtype of ``d``.
 
     Jitted code only (a Numba overload): float32 uses the vectorisable
     ``_expf_nonpos``; float64 uses ``math.exp``.
@@ -214,6 +218,58 @@ def row_max_sumexp(xr, b):
 
 
 @numba.njit
+def row_max(xr, b):
+    """Max of the row ``xr`` (pairwise per block of ``len(b)``).
+
+    A NaN may or may not win; either way the caller's ``exp(x - m)`` turns
+    it into a NaN sum, as in the reference.
+    """
+    n = xr.size
+    if n <= SMALL_ROW:
+        m = xr[0]
+        for j in range(1, n):
+            if xr[j] > m:
+                m = xr[j]
+        return m
+    width = b.size
+    m = cast_like(-np.inf, b[0])
+    for start in range(0, n, width):
+        nb = min(width, n - start)
+        seg = xr[start:start + nb]
+        for j in range(nb):
+            b[j] = seg[j]
+        mb = _tree_max(b, nb)
+        if mb > m:
+            m = mb
+    return m
+
+
+@numba.njit
+def row_exp_sum(xr, m, yr, b):
+    """Write ``yr = exp(xr - m)`` and return its sum (float64; pairwise per
+    block).  ``yr`` may be ``xr``."""
+    n = xr.size
+    s = 0.0
+    if n <= SMALL_ROW:
+        for j in range(n):
+            e = exp_nonpos(xr[j] - m)
+            yr[j] = e
+            s += e
+        return s
+    width = b.size
+    for start in range(0, n, width):
+        nb = min(width, n - start)
+        seg = xr[start:start + nb]
+        ys = yr[start:start + nb]
+        for j in range(nb):
+            e = exp_nonpos(seg[j] - m)
+            ys[j] = e
+            b[j] = e
+        s += np.float64(_tree_sum(b, nb))
+    return s
+
+
+@numba.njit
 def row_dot(u, v, b):
     """``sum(u * v)`` over two rows (pairwise per block, float64 across
     blocks)."""
@@ -238,11 +294,12 @@ def _softmax_fwd_rows(x, y, outer, n, buf):
         for i in range(t * outer // nchunks, (t + 1) * outer // nchunks):
             xr = x[i * n:(i + 1) * n]
             yr = y[i * n:(i + 1) * n]
-            m, s = row_max_sumexp(xr, b)
-            sd = cast_like(s, m)
+            # Three passes (max; exp and sum; scale), one exp per element.
             # yr may alias xr (in place): each element is read before written.
+            m = row_max(xr, b)
+            sd = cast_like(row_exp_sum(xr, m, yr, b), m)
             for c in range(n):
-                yr[c] = exp_nonpos(xr[c] - m) / sd
+                yr[c] = yr[c] / sd
 
 
 def _softmax_bwd_rows(y, dy, dx, outer, n, accumulate, buf):

@@ -39,6 +39,7 @@ outputs : dict of str -> float or ndarray
 loss : float
     Mean of the net's total weighted loss over the batches.
 """
+TestResult.__test__ = False  # not a pytest test class despite its name
 
 
 class TrainResult(collections.namedtuple(
@@ -96,7 +97,9 @@ class _TqdmAwareHandler(logging.StreamHandler):
             super().emit(record)
             return
         try:
-            self.bar.write(self.format(record), file=self.stream)
+            # One write call per line: an interrupt between the text and
+            # its newline would glue the next line onto this one.
+            self.bar.write(self.format(record) + "\n", file=self.stream, end="")
         except Exception:  # logging must never raise into the caller
             self.handleError(record)
 

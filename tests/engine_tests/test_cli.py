@@ -196,6 +196,15 @@ def test_missing_files_are_errors_not_tracebacks(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
+def test_gpu_without_cupy_is_an_error(tmp_path, capsys):
+    if netlite.backend.cupy_available():
+        pytest.skip("a GPU is available")
+    model = _write(tmp_path / "tiny.prototxt", TINY_NET)
+    assert cli.main(["time", "--model", model, "--gpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("netlite time: error:") and "CuPy" in err
+
+
 def test_caffe_formatter():
     record = logging.LogRecord("netlite", logging.WARNING, "/x/solver.py", 42,
                                "Iteration %d, loss = %g", (100, 0.25), None)

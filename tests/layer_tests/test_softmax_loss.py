@@ -19,6 +19,7 @@ from layer_testing import (
 
 import netlite
 from netlite import backend
+from netlite.layers import softmax_loss
 from netlite.layers.softmax import SoftmaxLayer
 from netlite.layers.softmax_loss import FLT_MIN, SoftmaxWithLossLayer
 
@@ -583,9 +584,18 @@ def _assert_parity(a, b, dtype):
     np.testing.assert_allclose(dx_b, dx_a, **tol)
 
 
+@pytest.fixture(params=["keep prob", "statistics only"])
+def numba_strategy(request, monkeypatch):
+    """The Numba engine keeps prob for small inputs and recomputes it from
+    per-position statistics for large ones: test both on every case."""
+    if request.param == "statistics only":
+        monkeypatch.setattr(softmax_loss, "KEEP_PROB_BYTES", 0)
+    return request.param
+
+
 @requires_numba()
 @pytest.mark.parametrize("shape, text, ntops", PARITY_CASES)
-def test_numba_matches_numpy(dtype, shape, text, ntops):
+def test_numba_matches_numpy(dtype, shape, text, ntops, numba_strategy):
     x, labels, dy1 = _parity_inputs(shape, text, dtype)
     ref = _run("numpy", shape, text, ntops, x, labels, dy1, dtype)
     fast = _run("numba", shape, text, ntops, x, labels, dy1, dtype)
@@ -593,10 +603,56 @@ def test_numba_matches_numpy(dtype, shape, text, ntops):
 
 
 @requires_numba()
+@pytest.mark.parametrize("pattern", ["rising", "falling", "neg_inf_blocks"])
+def test_numba_online_statistics(dtype, monkeypatch, pattern):
+    # Rows longer than one block in the one-pass (online) statistics: the
+    # running max grows in every block (rescaling), never grows, or whole
+    # blocks are -inf (skipped).
+    from netlite.layers.softmax_numba import BLOCK
+
+    monkeypatch.setattr(softmax_loss, "KEEP_PROB_BYTES", 0)
+    n = 3 * BLOCK + 77
+    ramp = np.linspace(-20, 20, n)
+    if pattern == "falling":
+        ramp = ramp[::-1]
+    x = np.stack([ramp, np.sin(np.arange(n)) * 30, ramp[::-1] * 2]).astype(dtype)
+    if pattern == "neg_inf_blocks":
+        x[:, : 2 * BLOCK + 5] = -np.inf
+    labels = np.array([n - 1, 2 * BLOCK + 7, n - 3], dtype=dtype)
+    text = "loss_param { normalization: NONE }"
+    ref = _run("numpy", x.shape, text, 1, x, labels, None, dtype)
+    fast = _run("numba", x.shape, text, 1, x, labels, None, dtype)
+    _assert_parity(ref, fast, dtype)
+    expected, grad = _naive(x, labels, normalization="NONE", weight=2.5)
+    np.testing.assert_allclose(ref[0][0], expected, **_tol(dtype))
+
+
+@requires_numba()
+@pytest.mark.parametrize("shape, ntops, keep, expected", [
+    ((64, 10), 1, None, "exp"),
+    ((64, 10), 2, None, "prob"),
+    ((64, 10), 1, 0, None),
+    ((64, 10), 2, 0, "prob"),
+    ((4, 10, 3), 1, None, None),  # strided: always statistics
+])
+def test_numba_strategy_choice(dtype, monkeypatch, shape, ntops, keep, expected):
+    if keep is not None:
+        monkeypatch.setattr(softmax_loss, "KEEP_PROB_BYTES", keep)
+    backend.set_cpu_engine("numba")
+    lshape = (shape[0],) + shape[2:]
+    data = make_blob(shape, dtype, filler("gaussian"))
+    label = make_blob(lshape, dtype, random_labels(lshape, 10, dtype))
+    layer, top = _layer(), [netlite.Blob(dtype=dtype) for _ in range(ntops)]
+    layer.setup([data, label], top)
+    layer.forward([data, label], top)
+    assert layer._numba_prob == expected
+
+
+@requires_numba()
 @pytest.mark.parametrize("forward, backward", [("numba", "numpy"), ("numpy", "numba")])
 @pytest.mark.parametrize("ntops", [1, 2])
 def test_engines_can_switch_between_forward_and_backward(dtype, forward, backward,
-                                                         ntops):
+                                                         ntops, numba_strategy):
     shape, text = (6, 9, 5), "loss_param { ignore_label: 2 }"
     x, labels, dy1 = _parity_inputs(shape, text, dtype)
     ref = _run("numpy", shape, text, ntops, x, labels, dy1, dtype)
@@ -607,7 +663,7 @@ def test_engines_can_switch_between_forward_and_backward(dtype, forward, backwar
 
 @requires_numba()
 @pytest.mark.parametrize("shape", [(5, 3000), (3, 4, 5)])
-def test_numba_errors_match_numpy(dtype, shape):
+def test_numba_errors_match_numpy(dtype, shape, numba_strategy):
     lshape = (shape[0],) + shape[2:]
     for engine in ("numpy", "numba"):
         backend.set_cpu_engine(engine)
@@ -634,7 +690,7 @@ def test_numba_errors_match_numpy(dtype, shape):
 
 
 @requires_numba()
-def test_numba_flt_min_clamp(dtype):
+def test_numba_flt_min_clamp(dtype, numba_strategy):
     backend.set_cpu_engine("numba")
     test_flt_min_clamp_with_minus_inf_logit(dtype)
     test_flt_min_clamp_with_very_negative_logit(dtype)
@@ -648,7 +704,7 @@ def test_numba_normalization_exact_values(dtype, mode):
 
 
 @requires_numba()
-def test_numba_all_ignored(bottoms, dtype):
+def test_numba_all_ignored(bottoms, dtype, numba_strategy):
     backend.set_cpu_engine("numba")
     test_all_ignored_gives_zero_loss_and_gradient(bottoms, dtype, "VALID")
     test_empty_batch_is_zero_loss(dtype)
