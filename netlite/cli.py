@@ -609,10 +609,13 @@ def _version():
 def main(argv=None):
     """Entry point of the ``netlite`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "convert-mnist":
-        from netlite import convert_mnist
+    if "convert-mnist" in argv:
+        # Everything after the command belongs to convert_mnist's own parser.
+        i = argv.index("convert-mnist")
+        if all(a in ("-q", "--quiet") for a in argv[:i]):
+            from netlite import convert_mnist
 
-        return convert_mnist.main(argv[1:]) or 0
+            return convert_mnist.main(argv[i + 1:]) or 0
     args = build_parser().parse_args(argv)
     configure_logging(logging.WARNING if args.quiet else logging.INFO)
     try:

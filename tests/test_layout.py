@@ -97,9 +97,10 @@ def test_netlite_works_with_only_numpy_and_protobuf():
     # and build and run a small net on the NumPy engine.
     code = """
 import sys
+OPTIONAL = ('numba', 'cupy', 'matplotlib', 'tqdm', 'lmdb', 'torch')
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('numba', 'cupy', 'matplotlib', 'tqdm', 'lmdb', 'torch'):
+        if name.split('.')[0] in OPTIONAL:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 import numpy as np, netlite

@@ -437,6 +437,10 @@ def test_convert_mnist_is_delegated(tmp_path, capsys):
     assert cli.main(["convert-mnist", img, lbl, str(db)]) == 0
     assert "Wrote 10 records" in capsys.readouterr().out
     assert db.is_dir()
+    assert cli.main(["-q", "convert-mnist", img, lbl, str(tmp_path / "db2")]) == 0
+    assert (tmp_path / "db2").is_dir()
+    assert cli.main(["convert-mnist", img, lbl, str(db)]) == 1  # exists
+    assert "error" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         cli.main(["convert-mnist", "--help"])
     assert exc.value.code == 0
