@@ -25,6 +25,7 @@ lint:
 
 bench:
 	$(PY) benchmarks/bench_softmax_loss.py
+	$(PY) benchmarks/bench_lenet.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
