@@ -12,7 +12,9 @@ import functools
 import cupy
 import numpy as np
 
-_FWD_SOURCE = """
+#: The softmax of one (i, k) column of the (outer, C, inner) view, written
+#: to ``OUT``; shared with softmax_loss_cupy, which names its output ``prob``.
+SOFTMAX_COLUMN_SOURCE = """
     const ptrdiff_t base = (ptrdiff_t)(i / inner) * C * inner + i % inner;
     T m = x[base];
     for (int c = 1; c < C; ++c) {
@@ -25,9 +27,11 @@ _FWD_SOURCE = """
     }
     for (int c = 0; c < C; ++c) {
         const ptrdiff_t j = base + (ptrdiff_t)c * inner;
-        y[j] = exp(x[j] - m) / s;
+        OUT[j] = exp(x[j] - m) / s;
     }
 """
+
+_FWD_SOURCE = SOFTMAX_COLUMN_SOURCE.replace("OUT", "y")
 
 _BWD_SOURCE = """
     const ptrdiff_t base = (ptrdiff_t)(i / inner) * C * inner + i % inner;

@@ -18,22 +18,11 @@ import functools
 import cupy
 import numpy as np
 
-_FWD_SOURCE = """
-    const ptrdiff_t base = (ptrdiff_t)(i / inner) * C * inner + i % inner;
-    T m = x[base];
-    for (int c = 1; c < C; ++c) {
-        const T v = x[base + (ptrdiff_t)c * inner];
-        m = v > m ? v : m;
-    }
-    T s = 0;
-    for (int c = 0; c < C; ++c) {
-        s += exp(x[base + (ptrdiff_t)c * inner] - m);
-    }
-    for (int c = 0; c < C; ++c) {
-        const ptrdiff_t j = base + (ptrdiff_t)c * inner;
-        prob[j] = exp(x[j] - m) / s;
-    }
-    const L value = label[i];
+import netlite.layers.softmax_cupy
+
+_FWD_SOURCE = netlite.layers.softmax_cupy.SOFTMAX_COLUMN_SOURCE.replace(
+    "OUT", "prob"
+) + """    const L value = label[i];
     long long cd;
     if (!(value == floor(value))) {
         cd = -2;                                   /* also NaN */
