@@ -5,100 +5,22 @@ See docs/layers/data.md.
 
 import logging
 import os
-import threading
 import weakref
 
 import numpy as np
 
 from netlite import rng
+from netlite.data.lmdb import acquire_env, decode_datum, release_env
+from netlite.data.transform import DataTransformer
 from netlite.errors import LayerSetupError, ShapeError
 from netlite.layer import Layer
 from netlite.proto import netlite_pb2
 from netlite.registry import register_layer
-from netlite.transform import DataTransformer
 
 logger = logging.getLogger("netlite")
 
 LEVELDB = netlite_pb2.DataParameter.LEVELDB
 LMDB = netlite_pb2.DataParameter.LMDB
-
-# py-lmdb refuses to open one environment twice in a process, and a TRAIN
-# and a TEST net (or two nets) may read the same database: share one
-# read-only environment per path, closed when its last layer goes away.
-_envs = {}
-_envs_lock = threading.Lock()
-
-
-def import_lmdb(owner="netlite"):
-    """Import the optional ``lmdb`` package, with an install hint."""
-    try:
-        import lmdb
-    except ImportError:
-        raise ImportError(
-            f"{owner}: reading or writing LMDB needs the 'lmdb' package: "
-            "pip install lmdb (or pip install 'netlite-caffe[lmdb]')"
-        ) from None
-    return lmdb
-
-
-def _acquire_env(path, owner):
-    lmdb = import_lmdb(owner)
-    key = os.path.realpath(path)
-    with _envs_lock:
-        entry = _envs.get(key)
-        if entry is None:
-            try:
-                env = lmdb.open(key, readonly=True, lock=False, readahead=False,
-                                max_readers=1024)
-            except lmdb.Error as exc:
-                raise LayerSetupError(
-                    f"{owner}: cannot open LMDB '{path}': {exc}"
-                ) from None
-            entry = _envs[key] = [env, 0]
-        entry[1] += 1
-        return key, entry[0]
-
-
-def _release_env(key):
-    with _envs_lock:
-        entry = _envs.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del _envs[key]
-            entry[0].close()
-
-
-def decode_datum(value, owner="Datum"):
-    """Decode a serialized Datum into ``(array (C, H, W), label)``.
-
-    The array is uint8 for ``data`` bytes and float32 for ``float_data``.
-
-    Raises
-    ------
-    ShapeError
-        When the payload size does not match channels x height x width.
-    LayerSetupError
-        For encoded (JPEG/PNG) datums, which netlite cannot decode.
-    """
-    datum = netlite_pb2.Datum.FromString(value)
-    if datum.encoded:
-        raise LayerSetupError(
-            f"{owner}: encoded (JPEG/PNG) Datum records need OpenCV and are not "
-            "supported; store raw pixels (convert_imageset without --encoded)"
-        )
-    shape = (datum.channels, datum.height, datum.width)
-    size = shape[0] * shape[1] * shape[2]
-    if datum.data:
-        pixels = np.frombuffer(datum.data, dtype=np.uint8)
-    else:
-        pixels = np.asarray(datum.float_data, dtype=np.float32)
-    if size <= 0 or pixels.size != size:
-        raise ShapeError(
-            f"{owner}: a Datum of shape {shape} holds {pixels.size} values"
-        )
-    return pixels.reshape(shape), datum.label
 
 
 @register_layer("Data")
@@ -156,8 +78,8 @@ class DataLayer(Layer):
                 "(no data.mdb in it)"
             )
         if self.__dict__.get("_env_key") is None:
-            self._env_key, self._env = _acquire_env(p.source, what)
-            weakref.finalize(self, _release_env, self._env_key)
+            self._env_key, self._env = acquire_env(p.source, what)
+            weakref.finalize(self, release_env, self._env_key)
         with self._env.begin() as txn:
             self._keys = list(txn.cursor().iternext(keys=True, values=False))
         if not self._keys:

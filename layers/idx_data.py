@@ -5,11 +5,12 @@ See docs/layers/idx_data.md.
 
 import numpy as np
 
-from netlite import datasets, rng
+from netlite import rng
+from netlite.data import catalog, idx, lookup, mnist, verify
+from netlite.data.transform import DataTransformer
 from netlite.errors import LayerSetupError
 from netlite.layer import Layer
 from netlite.registry import register_layer
-from netlite.transform import DataTransformer
 
 
 @register_layer("IDXData")
@@ -28,7 +29,7 @@ class IDXDataLayer(Layer):
     -------------------------------
     source : str
         ``"<dataset>:<split>"``, e.g. ``"mnist:train"`` or
-        ``"fashion-mnist:test"``, found with :mod:`netlite.datasets`.
+        ``"fashion-mnist:test"``, found with :mod:`netlite.data.lookup`.
     image_source, label_source : str
         Explicit IDX file paths (instead of ``source``).
     batch_size : uint32
@@ -96,13 +97,13 @@ class IDXDataLayer(Layer):
             )
         try:
             if p.source:
-                name, split = datasets.parse_source(p.source)
-                return datasets.load_mnist(name, split)
+                name, split = catalog.parse_source(p.source)
+                return mnist.load_mnist(name, split)
             if p.label_source:
-                return datasets.load_idx_pair(p.image_source, p.label_source)
-            return datasets.load_idx_cached(p.image_source), None
-        except (datasets.IDXFormatError, datasets.ChecksumError,
-                datasets.DatasetNotFoundError, FileNotFoundError) as exc:
+                return mnist.load_idx_pair(p.image_source, p.label_source)
+            return mnist.load_idx_cached(p.image_source), None
+        except (idx.IDXFormatError, verify.ChecksumError,
+                lookup.DatasetNotFoundError, FileNotFoundError) as exc:
             # Same type, with the layer named first.
             raise type(exc)(f"{what}: {exc}") from None
         except ValueError as exc:  # a malformed source string

@@ -9,10 +9,17 @@ The pycaffe-shaped entry points::
     out = net.forward()
 
 ``import netlite`` needs only NumPy and protobuf; Numba and CuPy are
-imported when their engine is first used.
+imported when their engine is first used.  It imports the layer zoo
+(:mod:`netlite.layers`) and the solvers (:mod:`netlite.solvers`), which
+registers every built-in layer and solver type.
+
+The package is organised in folders: the core (blob, layer, registry, net,
+fillers, gradient checker, backend, rng, io, errors, proto) sits directly
+in ``netlite/``; :mod:`netlite.solvers` trains, :mod:`netlite.data` reads
+and finds datasets, :mod:`netlite.tools` is the command line.
 """
 
-from netlite import layers  # noqa: F401  (fills the layer registry)
+from netlite import layers, solvers  # noqa: F401  (fill the registries)
 from netlite.backend import (
     cpu_engine,
     set_cpu_engine,
@@ -36,7 +43,9 @@ from netlite.layer import TEST, TRAIN, Layer, LossLayer, NeuronLayer
 from netlite.net import Net
 from netlite.registry import create_layer, layer_class, layer_types, register_layer
 from netlite.rng import set_random_seed
-from netlite.sgd_solvers import (
+from netlite.solvers.errors import SolverParameterError, SolverStateError
+from netlite.solvers.registry import get_solver, register_solver, solver_types
+from netlite.solvers.sgd import (
     AdaDeltaSolver,
     AdaGradSolver,
     AdamSolver,
@@ -44,14 +53,7 @@ from netlite.sgd_solvers import (
     RMSPropSolver,
     SGDSolver,
 )
-from netlite.solver import (
-    Solver,
-    SolverParameterError,
-    SolverStateError,
-    get_solver,
-    register_solver,
-    solver_types,
-)
+from netlite.solvers.solver import Solver
 
 __version__ = "0.1.0"
 

@@ -4,8 +4,9 @@
   tests/layer_tests/test_<module>.py and a derivation page
   docs/layers/<module>.md;
 * every kernel module (<m>_numba.py, <m>_cupy.py) sits beside a layer <m>.py;
-* layers/ stays flat (a sub-package would need listing in setup.cfg, or the
-  wheel silently drops it);
+* every package under netlite/ and layers/ is listed in setup.cfg (an
+  unlisted sub-package is silently left out of the wheel), so layers/ stays
+  flat unless its sub-package is listed;
 * `import netlite` pulls in neither numba nor cupy.
 """
 
@@ -67,16 +68,15 @@ def test_kernel_modules_sit_beside_their_layer():
                 assert (ROOT / "layers" / f"{layer}.py").is_file(), path.name
 
 
-def test_layers_folder_is_flat_or_listed():
+def test_every_package_is_listed_in_setup_cfg():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
-    for init in (ROOT / "layers").rglob("__init__.py"):
-        rel = init.parent.relative_to(ROOT / "layers")
-        if rel == Path("."):
-            continue
-        package = "netlite.layers." + ".".join(rel.parts)
-        assert package in listed, f"{package} is not listed in setup.cfg"
+    for folder, name in (("netlite", "netlite"), ("layers", "netlite.layers")):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            package = ".".join([name, *rel.parts])
+            assert package in listed, f"{package} is not listed in setup.cfg"
 
 
 def test_import_netlite_needs_neither_numba_nor_cupy():

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import netlite
-from netlite import datasets
+from netlite.data import mnist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,7 +63,7 @@ def main(argv=None):
 
     if args.engine:
         netlite.set_cpu_engine(args.engine)
-    images, labels = datasets.load_mnist(args.dataset, "test", data_dir=args.data)
+    images, labels = mnist.load_mnist(args.dataset, "test", data_dir=args.data)
     if args.count is not None:
         images, labels = images[:args.count], labels[:args.count]
     net = netlite.Net(args.model, netlite.TEST, weights=args.weights)

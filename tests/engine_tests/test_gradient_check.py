@@ -416,7 +416,7 @@ def test_threshold_is_relative_above_one_and_absolute_below():
 # ------------------------------------------------------------------- nets
 @pytest.fixture
 def scratch_registry(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.LAYERS, "_classes", dict(registry.LAYERS._classes))
 
 
 def _needs(*types):

@@ -1,4 +1,5 @@
-"""The layer registry: registration, lookup errors, and the zoo's import rule."""
+"""The registries: the generic Registry, layer registration and lookup errors,
+the solver registry, and the zoo's import rule."""
 
 import os
 import subprocess
@@ -11,6 +12,7 @@ from netlite import registry
 from netlite.errors import UnknownLayerTypeError
 from netlite.layer import Layer
 from netlite.registry import create_layer, layer_class, layer_types, register_layer
+from netlite.solvers import registry as solvers_registry
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -18,7 +20,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 @pytest.fixture
 def scratch_registry(monkeypatch):
     """Let a test register toy types without leaking them into other tests."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.LAYERS, "_classes", dict(registry.LAYERS._classes))
 
 
 def test_builtin_types_are_registered():
@@ -113,3 +115,34 @@ def test_zoo_refuses_to_be_imported_as_top_level_layers():
     out = result.stdout
     assert out.startswith("ImportError:"), out
     assert "netlite.layers" in out and "'layers'" in out
+
+
+def test_registry_class_names_its_kind():
+    widgets = registry.Registry("widget", LookupError)
+
+    @widgets.register("Knob")
+    class Knob:
+        pass
+
+    assert Knob.type == "Knob" and widgets.lookup("Knob") is Knob
+    assert widgets.types() == ["Knob"]
+    with pytest.raises(KeyError, match=r"widget type 'Knob' is already registered "
+                                       r"by .*\.Knob"):
+        widgets.register("Knob")(type("Other", (), {}))
+    assert widgets.lookup("Knob") is Knob
+    with pytest.raises(LookupError,
+                       match="unknown widget type 'Dial'; known types: Knob"):
+        widgets.lookup("Dial")
+
+
+def test_layers_and_solvers_use_the_same_registry_class():
+    assert type(registry.LAYERS) is registry.Registry
+    assert type(solvers_registry.SOLVERS) is registry.Registry
+    assert solvers_registry.solver_types() == netlite.solver_types()
+    with pytest.raises(netlite.SolverParameterError,
+                       match="unknown solver type 'Nope'; known types: AdaDelta, "):
+        solvers_registry.solver_class("Nope")
+    with pytest.raises(KeyError, match="solver type 'SGD' is already registered by "
+                                       "netlite.solvers.sgd.SGDSolver"):
+        netlite.register_solver("SGD")(type("MySGD", (netlite.Solver,), {}))
+    assert solvers_registry.solver_class("SGD") is netlite.SGDSolver

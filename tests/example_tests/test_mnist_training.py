@@ -10,7 +10,7 @@ plus trained inner products still reach about 93 %.  So the test also
 checks that every layer's weights moved much further than weight decay
 alone would move them.
 
-MNIST is found through netlite.datasets ($NETLITE_DATA, which CI sets to
+MNIST is found through netlite.data.lookup ($NETLITE_DATA, which CI sets to
 ../shared/datasets); without it the tests skip and say where to put it.
 """
 
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import netlite
-from netlite import backend, datasets, io
+from netlite import backend, io
+from netlite.data import lookup, mnist
 
 ENGINE = "numba" if backend.numba_available() else "numpy"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.slow
 
 def _require_mnist():
     try:
-        return datasets.find_dataset("mnist", download=False)
-    except datasets.DatasetNotFoundError:
+        return lookup.find_dataset("mnist", download=False)
+    except lookup.DatasetNotFoundError:
         pytest.skip(
             "MNIST not found: set NETLITE_DATA to a directory with mnist/ in it "
             "(the README's `make test` uses ../shared/datasets); see "
@@ -115,7 +116,7 @@ def test_deploy_net_classifies_with_the_trained_weights(trained):
     classify = _load_classify()
     backend.set_cpu_engine(ENGINE)  # conftest restores the engine
 
-    images, labels = datasets.load_mnist("mnist", "test", download=False)
+    images, labels = mnist.load_mnist("mnist", "test", download=False)
     deploy = netlite.Net(os.path.join(EXAMPLE, "lenet.prototxt"), netlite.TEST,
                          weights=weights)
     probs = classify.classify(deploy, images[:1000], batch_size=500)

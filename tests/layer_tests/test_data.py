@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 import netlite
-from netlite import datasets
-from netlite.convert_mnist import convert_mnist
-from netlite.datasets import save_idx
+from netlite.data import lmdb as lmdb_helpers
+from netlite.data.convert_mnist import convert_mnist
+from netlite.data.idx import save_idx
+from netlite.data.mnist import load_mnist
 from netlite.errors import LayerSetupError, ShapeError
 from netlite.proto import netlite_pb2
 
 lmdb = pytest.importorskip("lmdb")
-data_module = sys.modules["netlite.layers.data"]
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 
@@ -198,7 +198,7 @@ def test_caffe_lenet_data_layer_on_real_mnist(tmp_path, monkeypatch):
           data_param { source: "examples/mnist/mnist_test_lmdb" batch_size: 100
                        backend: LMDB } }
     """, netlite.TEST)
-    images, labels = datasets.load_mnist("mnist", "test", data_dir=mnist)
+    images, labels = load_mnist("mnist", "test", data_dir=mnist)
     for step in range(2):
         out = net.forward()
         span = slice(100 * step, 100 * step + 100)
@@ -294,17 +294,17 @@ def test_two_layers_share_one_environment(tmp_path):
     key = str(Path(source).resolve())
     first, top1 = _layer(source, batch_size=2)
     second, top2 = _layer(source, batch_size=3, phase=netlite.TEST)
-    assert data_module._envs[key][1] == 2
+    assert lmdb_helpers._envs[key][1] == 2
     first.forward([], top1)
     second.forward([], top2)
     np.testing.assert_array_equal(top1[1].data, [0, 1])
     np.testing.assert_array_equal(top2[1].data, [0, 1, 2])
     del first
     gc.collect()
-    assert data_module._envs[key][1] == 1
+    assert lmdb_helpers._envs[key][1] == 1
     del second
     gc.collect()
-    assert key not in data_module._envs
+    assert key not in lmdb_helpers._envs
 
 
 # ------------------------------------------------------------------ errors
@@ -366,4 +366,4 @@ def test_bad_records(tmp_path):
 def test_missing_lmdb_package_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "lmdb", None)  # makes `import lmdb` fail
     with pytest.raises(ImportError, match=r"pip install lmdb"):
-        data_module.import_lmdb("Data layer 'x'")
+        lmdb_helpers.import_lmdb("Data layer 'x'")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import netlite
-from netlite import datasets, rng
-from netlite.datasets import IDXFormatError, save_idx
+from netlite import rng
+from netlite.data import catalog, download, idx, lookup, mnist
+from netlite.data.idx import IDXFormatError, save_idx
 from netlite.errors import LayerSetupError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
@@ -28,10 +29,10 @@ def no_network(monkeypatch):
     def offline(url, timeout=None):
         raise urllib.error.URLError("network disabled in the tests")
 
-    monkeypatch.setattr(datasets, "_urlopen", offline)
-    previous = datasets.get_data_dir()
+    monkeypatch.setattr(download, "_urlopen", offline)
+    previous = catalog.get_data_dir()
     yield
-    datasets.set_data_dir(previous)
+    catalog.set_data_dir(previous)
 
 
 @pytest.fixture
@@ -304,9 +305,9 @@ def test_offline_dataset_error_names_layer(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.delenv("NETLITE_DATA", raising=False)
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIRS", (tmp_path / "none",))
-    datasets.set_data_dir(None)
-    with pytest.raises(datasets.DatasetNotFoundError,
+    monkeypatch.setattr(catalog, "SYSTEM_DATA_DIRS", (tmp_path / "none",))
+    catalog.set_data_dir(None)
+    with pytest.raises(lookup.DatasetNotFoundError,
                        match=r"(?s)IDXData layer 'data': dataset 'mnist'.*"
                              r"train-images-idx3-ubyte\.gz"):
         _setup('name: "data" type: "IDXData" '
@@ -349,7 +350,7 @@ def test_train_and_test_sources_by_phase(tmp_path, dtype):
     out = test.forward()
     assert out["flat"].shape == (3, 36)
     np.testing.assert_array_equal(test.blobs["label"].data, [0, 1, 2])
-    test_images = datasets.load_idx(paths["test_images"])
+    test_images = idx.load_idx(paths["test_images"])
     np.testing.assert_array_equal(out["flat"], test_images[:3].reshape(3, 36)
                                   .astype(dtype) / 256)
     seen = np.concatenate([train.forward(blobs=["label"])["label"].copy()
@@ -360,14 +361,14 @@ def test_train_and_test_sources_by_phase(tmp_path, dtype):
 # ----------------------------------------------------------- real datasets
 @needs_mnist
 def test_real_mnist_through_the_layer(dtype):
-    datasets.set_data_dir(SHARED)
+    catalog.set_data_dir(SHARED)
     layer, top = _setup('name: "mnist" type: "IDXData" '
                         'idx_data_param { source: "mnist:train" batch_size: 64 } '
                         'transform_param { scale: 0.00390625 }', dtype)
     layer.forward([], top)
     assert top[0].shape == (64, 1, 28, 28)
     np.testing.assert_array_equal(top[1].data[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
-    images, _ = datasets.load_mnist("mnist", "train", SHARED)
+    images, _ = mnist.load_mnist("mnist", "train", SHARED)
     np.testing.assert_array_equal(top[0].data[:, 0], images[:64].astype(dtype) / 256)
 
 
@@ -376,7 +377,7 @@ def test_real_fashion_mnist_from_debian(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.delenv("NETLITE_DATA", raising=False)
-    datasets.set_data_dir(None)
+    catalog.set_data_dir(None)
     layer, top = _setup('name: "f" type: "IDXData" '
                         'idx_data_param { source: "fashion-mnist:test" '
                         'batch_size: 100 }')

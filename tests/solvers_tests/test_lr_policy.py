@@ -15,7 +15,7 @@ import pytest
 import netlite
 from netlite.io import parse_text
 from netlite.proto import netlite_pb2
-from netlite.solver import learning_rate
+from netlite.solvers.lr_policy import learning_rate
 
 REL = 1e-15
 

@@ -24,7 +24,8 @@ import tempfile
 
 import numpy as np
 
-from netlite import datasets
+from netlite.data import catalog, idx, lookup
+from netlite.data.lmdb import import_lmdb
 from netlite.proto import netlite_pb2
 
 logger = logging.getLogger("netlite")
@@ -37,7 +38,7 @@ _LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 
 
 def _read_magic(path):
-    _, content = datasets.read_idx_bytes(path)
+    _, content = idx.read_idx_bytes(path)
     magic = int.from_bytes(content[:4], "big") if len(content) >= 4 else None
     return content, magic
 
@@ -74,25 +75,23 @@ def convert_mnist(images_path, labels_path, db_path, backend="lmdb"):
         raise ValueError(
             f"backend {backend!r} is not supported; netlite writes LMDB only"
         )
-    from netlite.layers.data import import_lmdb
-
     lmdb = import_lmdb("convert-mnist")
     image_content, magic = _read_magic(images_path)
     if magic != _IMAGES_MAGIC:
-        raise datasets.IDXFormatError(
+        raise idx.IDXFormatError(
             f"{images_path}: incorrect image file magic "
             f"{'none' if magic is None else f'0x{magic:08x}'} (expected 0x00000803)"
         )
     label_content, magic = _read_magic(labels_path)
     if magic != _LABELS_MAGIC:
-        raise datasets.IDXFormatError(
+        raise idx.IDXFormatError(
             f"{labels_path}: incorrect label file magic "
             f"{'none' if magic is None else f'0x{magic:08x}'} (expected 0x00000801)"
         )
-    images = datasets.parse_idx(image_content, str(images_path))
-    labels = datasets.parse_idx(label_content, str(labels_path))
+    images = idx.parse_idx(image_content, str(images_path))
+    labels = idx.parse_idx(label_content, str(labels_path))
     if images.shape[0] != labels.shape[0]:
-        raise datasets.IDXFormatError(
+        raise idx.IDXFormatError(
             f"{images_path} has {images.shape[0]} images but {labels_path} has "
             f"{labels.shape[0]} labels"
         )
@@ -170,8 +169,8 @@ def main(argv=None):
         if args.source:
             if len(args.paths) != 1:
                 parser.error("with --source give only the output DB path")
-            name, split = datasets.parse_source(args.source)
-            images, labels = datasets.dataset_files(name, split, args.data)
+            name, split = catalog.parse_source(args.source)
+            images, labels = lookup.dataset_files(name, split, args.data)
             db_path = args.paths[0]
         else:
             if len(args.paths) != 3:

@@ -103,7 +103,7 @@ class SolverTestArrayDataLayer(Layer):
 def _register_test_layer(monkeypatch):
     # Registered for the duration of each test only, on a copy of the
     # registry: the layout rules (tests/test_layout.py) apply to real layers.
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.LAYERS, "_classes", dict(registry.LAYERS._classes))
     register_layer("SolverTestArrayData")(SolverTestArrayDataLayer)
 
 
@@ -939,7 +939,7 @@ def test_bad_solver_parameters(fields, message):
 
 def test_unknown_solver_type_error_is_a_value_error():
     with pytest.raises(ValueError):
-        netlite.solver.solver_class("Nope")
+        netlite.solvers.registry.solver_class("Nope")
 
 
 def test_unwritable_snapshot_prefix_fails_at_construction(tmp_path):

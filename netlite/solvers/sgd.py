@@ -30,9 +30,9 @@ docs/engine/solvers.md.
 
 import math
 
-from netlite.solver import Solver
-from netlite.solver_param import SolverParameterError
-from netlite.solver_registry import register_solver
+from netlite.solvers.errors import SolverParameterError
+from netlite.solvers.registry import register_solver
+from netlite.solvers.solver import Solver
 
 
 @register_solver("SGD")

@@ -27,7 +27,7 @@ from netlite import io, registry, rng
 from netlite.layer import TRAIN, Layer
 from netlite.proto import netlite_pb2
 from netlite.registry import register_layer
-from netlite.solver import _decode, _encode
+from netlite.solvers.snapshot import _decode, _encode
 
 # ------------------------------------------------------- shuffling layer
 _GEN = np.random.default_rng(20)
@@ -89,7 +89,7 @@ class SnapshotTestShuffledDataLayer(Layer):
 def _register_test_layer(monkeypatch):
     # Registered for the duration of each test only, on a copy of the
     # registry: the layout rules (tests/test_layout.py) apply to real layers.
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.LAYERS, "_classes", dict(registry.LAYERS._classes))
     register_layer("SnapshotTestShuffledData")(SnapshotTestShuffledDataLayer)
 
 

@@ -23,19 +23,15 @@ from google.protobuf import message as pb_message
 
 from netlite import backend, io, rng
 from netlite.blob import Blob
-from netlite.errors import NetliteError
 from netlite.proto import netlite_pb2
-from netlite.solver_param import snapshot_filename
+from netlite.solvers.errors import SolverStateError
+from netlite.solvers.params import snapshot_filename
 
 logger = logging.getLogger("netlite")
 
 #: Version of the ``netlite_state`` archive layout inside a .solverstate.
 _STATE_FORMAT = "netlite-solverstate"
 _STATE_VERSION = 1
-
-
-class SolverStateError(NetliteError, ValueError):
-    """A ``.solverstate`` file cannot be read or does not fit the solver."""
 
 
 # --------------------------------------------------------- state encoding

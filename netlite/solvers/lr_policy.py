@@ -1,20 +1,58 @@
 r"""Caffe's learning-rate policies (``SGDSolver::GetLearningRate``).
 
-:func:`learning_rate` is a pure function of the parameters, the iteration
-and the ``step``/``multistep`` position (``current_step``, which the solver
-keeps and saves in its snapshots); the solver calls it once per update.
-The policy names and their required fields are checked by
-:func:`netlite.solver_param.check_lr_policy`.  See docs/engine/solvers.md §5.
+:data:`LR_POLICIES` names the policies; :func:`check_lr_policy` checks that
+the parameters a policy needs are there and valid (the solver calls it when
+it is built).  :func:`learning_rate` is a pure function of the parameters,
+the iteration and the ``step``/``multistep`` position (``current_step``,
+which the solver keeps and saves in its snapshots); the solver calls it once
+per update.  See docs/engine/solvers.md §5.
 """
 
 import logging
 import math
 
-from netlite.solver_param import LR_POLICIES, check_lr_policy
+from netlite.solvers.errors import SolverParameterError
 
 logger = logging.getLogger("netlite")
 
-__all__ = ["LR_POLICIES", "check_lr_policy", "learning_rate"]
+#: The learning-rate policies Caffe knows (``SolverParameter.lr_policy``).
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+
+
+def check_lr_policy(param):
+    """Raise :class:`SolverParameterError` when the policy cannot run.
+
+    Caffe finds these problems at the first update (or never); netlite
+    checks them when the solver is built.
+    """
+    policy = param.lr_policy
+    if not policy:
+        raise SolverParameterError(
+            f"lr_policy is not set; choose one of {', '.join(LR_POLICIES)}"
+        )
+    if policy not in LR_POLICIES:
+        raise SolverParameterError(
+            f"unknown lr_policy {policy!r}; choose one of {', '.join(LR_POLICIES)}"
+        )
+    if policy in ("step", "exp", "inv", "multistep", "sigmoid") and param.gamma < 0:
+        raise SolverParameterError(
+            f"lr_policy {policy!r} needs gamma >= 0, got {param.gamma:g}"
+        )
+    if policy in ("step", "sigmoid") and param.stepsize <= 0:
+        raise SolverParameterError(
+            f"lr_policy {policy!r} needs stepsize > 0, got {param.stepsize}"
+        )
+    if policy == "poly" and param.max_iter <= 0:
+        raise SolverParameterError(
+            f"lr_policy 'poly' needs max_iter > 0, got {param.max_iter}"
+        )
+    if policy == "multistep":
+        values = list(param.stepvalue)
+        if any(b <= a for a, b in zip(values, values[1:])):
+            raise SolverParameterError(
+                f"lr_policy 'multistep' needs strictly increasing stepvalue "
+                f"entries, got {values}"
+            )
 
 
 def learning_rate(param, iteration, current_step=0):

@@ -2,8 +2,8 @@
 
 :class:`TrainingHistory` collects the training loss of every iteration and
 the test-net outputs of every test pass (it is fed by the solver's
-callbacks, see :func:`netlite.cli.train`).  :func:`plot_history` draws two
-figures, the training loss and the test accuracy, and writes them as PNG.
+callbacks, see :func:`netlite.tools.commands.train`).  :func:`plot_history`
+draws two figures, the training loss and the test accuracy, and writes them as PNG.
 
 Matplotlib is optional (``pip install 'netlite-caffe[plot]'``).  It is
 imported only when a plot is drawn, and through its object-oriented API

@@ -1,4 +1,4 @@
-"""The ``netlite`` command line (netlite/cli.py) and the training plots.
+"""The ``netlite`` command line (netlite/tools/) and the training plots.
 
 Everything runs on tiny nets: DummyData nets for ``time`` and ``test``, and
 a two-class problem written as IDX files for ``train`` (learnable in a few
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import netlite
-from netlite import cli, datasets, plotting
+from netlite.data import catalog, idx
+from netlite.tools import cli, commands, logs, plotting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GLOG_LINE = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} [\w.]+:\d+\] ")
@@ -46,14 +47,14 @@ def _restore_logging():
     level, propagate = netlite_logger.level, netlite_logger.propagate
     handlers = list(netlite_logger.handlers)
     yield
-    if cli._handler is not None:
-        netlite_logger.removeHandler(cli._handler)
-        cli._handler = None
+    if logs._handler is not None:
+        netlite_logger.removeHandler(logs._handler)
+        logs._handler = None
     netlite_logger.handlers[:] = handlers
     netlite_logger.setLevel(level)
     netlite_logger.propagate = propagate
     netlite.set_mode_cpu()
-    datasets.set_data_dir(None)
+    catalog.set_data_dir(None)
 
 
 def _messages(text):
@@ -81,8 +82,8 @@ def _two_class_idx(directory, n, seed):
         images[i, :, 2 * c: 2 * c + 2] += 180
     img = os.path.join(directory, f"images-{seed}.idx")
     lbl = os.path.join(directory, f"labels-{seed}.idx")
-    datasets.save_idx(img, images)
-    datasets.save_idx(lbl, labels)
+    idx.save_idx(img, images)
+    idx.save_idx(lbl, labels)
     return img, lbl
 
 
@@ -176,9 +177,9 @@ def test_help_lists_every_command(capsys):
 
 
 def test_console_entry_point_runs():
-    # `python -m netlite.cli` is what the console script calls.
+    # `python -m netlite.tools.cli` is what the console script calls.
     result = subprocess.run(
-        [sys.executable, "-m", "netlite.cli", "--version"],
+        [sys.executable, "-m", "netlite.tools.cli", "--version"],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
@@ -208,7 +209,7 @@ def test_gpu_without_cupy_is_an_error(tmp_path, capsys):
 def test_caffe_formatter():
     record = logging.LogRecord("netlite", logging.WARNING, "/x/solver.py", 42,
                                "Iteration %d, loss = %g", (100, 0.25), None)
-    line = cli.CaffeFormatter().format(record)
+    line = logs.CaffeFormatter().format(record)
     assert GLOG_LINE.match(line)
     assert line.startswith("W")
     assert line.endswith(" solver.py:42] Iteration 100, loss = 0.25")
@@ -236,7 +237,7 @@ def test_time_reports_caffe_lines(tmp_path, capsys):
 
 def test_time_net_returns_consistent_numbers(tmp_path):
     model = _write(tmp_path / "tiny.prototxt", TINY_NET)
-    out = cli.time_net(model, iterations=4, phase="TEST")
+    out = commands.time_net(model, iterations=4, phase="TEST")
     assert [name for name, _, _ in out["layers"]] == ["data", "ip", "loss"]
     assert all(f >= 0 and b >= 0 for _, f, b in out["layers"])
     # Per-layer times are parts of the passes, which are parts of the total.
@@ -296,7 +297,7 @@ def test_test_reports_batches_and_means(tiny_weights, capsys):
 
 def test_test_function_returns_means(tiny_weights):
     model, weights, loss = tiny_weights
-    result = cli.test(model, weights, iterations=3)
+    result = commands.test(model, weights, iterations=3)
     assert result.loss == pytest.approx(3 * loss, rel=1e-5)  # weighted
     assert result.outputs["loss"] == pytest.approx(loss, rel=1e-5)
     np.testing.assert_array_equal(result.outputs["z"], [2.0, 2.0])
@@ -344,7 +345,7 @@ def test_train_writes_plots_snapshots_and_summary(solver_file, tmp_path, capsys)
 
 
 def test_train_function_history(solver_file, tmp_path):
-    result = cli.train(solver_file, engine="numpy", progress=False)
+    result = commands.train(solver_file, engine="numpy", progress=False)
     assert not result.interrupted and result.plots == []
     history = result.history
     assert history.train_iters == list(range(40))
@@ -362,16 +363,16 @@ def test_train_resume_and_finetune(solver_file, tmp_path, capsys):
     snap = tmp_path / "snapshots"
     state = snap / "twoclass_iter_20.solverstate"
     capsys.readouterr()
-    result = cli.train(solver_file, snapshot=str(state), progress=False)
+    result = commands.train(solver_file, snapshot=str(state), progress=False)
     # Resumed at 20: only iterations 20..39 ran.
     assert result.history.train_iters == list(range(20, 40))
     capsys.readouterr()
     weights = snap / "twoclass_iter_40.caffemodel"
-    result = cli.train(solver_file, weights=str(weights), progress=False)
+    result = commands.train(solver_file, weights=str(weights), progress=False)
     # Fine-tuning from trained weights: the first test is already good.
     assert result.history.tests[0]["accuracy"][0][1] >= 0.95
     with pytest.raises(ValueError, match="not both"):
-        cli.train(solver_file, weights=str(weights), snapshot=str(state))
+        commands.train(solver_file, weights=str(weights), snapshot=str(state))
 
 
 def test_train_ctrl_c_snapshots_and_exits_nonzero(solver_file, tmp_path, capsys,
@@ -411,10 +412,10 @@ def test_train_without_matplotlib_fails_before_training(solver_file, tmp_path,
 
 def test_train_progress_bar_and_log_lines_share_stdout(solver_file, capsys):
     pytest.importorskip("tqdm")
-    cli.configure_logging()
-    result = cli.train(solver_file, progress=True)
+    logs.configure_logging()
+    result = commands.train(solver_file, progress=True)
     assert not result.interrupted
-    assert cli._handler.bar is None  # detached when training ended
+    assert logs._handler.bar is None  # detached when training ended
     out = capsys.readouterr().out
     assert "40/40" in out  # the bar reached the end
     # Log lines still arrive whole, each on its own line.
@@ -492,7 +493,7 @@ def test_real_sigint_snapshots_and_exits_130(solver_file, tmp_path):
     # inherit that; the child restores the default (KeyboardInterrupt).
     code = ("import signal, sys; "
             "signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "from netlite.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from netlite.tools.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "train", "--solver", forever],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

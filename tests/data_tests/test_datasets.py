@@ -1,4 +1,5 @@
-"""netlite.datasets: the IDX reader, dataset lookup, download and checksums.
+"""netlite.data: the named datasets, their lookup, download, checksums and
+loading (the IDX reader itself is tested in test_idx.py).
 
 No test touches the network: an autouse fixture replaces the URL opener by
 one that fails like an offline machine, and the download tests serve files
@@ -20,15 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netlite import datasets
-from netlite.datasets import (
-    ChecksumError,
-    DatasetNotFoundError,
-    IDXFormatError,
-    load_idx,
-    save_idx,
-)
-from netlite.errors import NetliteError
+from netlite.data import catalog, download, lookup, mnist, verify
+from netlite.data.idx import IDXFormatError, load_idx, save_idx
+from netlite.data.lookup import DatasetNotFoundError
+from netlite.data.verify import ChecksumError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 MNIST_DIR = SHARED / "mnist"
@@ -66,12 +62,12 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.delenv("NETLITE_DATA", raising=False)
     monkeypatch.delenv("NETLITE_OFFLINE", raising=False)
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIRS", (tmp_path / "system",))
-    monkeypatch.setattr(datasets, "_urlopen", _offline_urlopen)
-    previous = datasets.get_data_dir()
-    datasets.set_data_dir(None)
+    monkeypatch.setattr(catalog, "SYSTEM_DATA_DIRS", (tmp_path / "system",))
+    monkeypatch.setattr(download, "_urlopen", _offline_urlopen)
+    previous = catalog.get_data_dir()
+    catalog.set_data_dir(None)
     yield tmp_path
-    datasets.set_data_dir(previous)
+    catalog.set_data_dir(previous)
 
 
 def _md5(data):
@@ -99,7 +95,7 @@ def _synthetic_files(directory, n_train=12, n_test=5, compress=True, seed=0):
 
 def _synthetic_spec(files, name="mnist"):
     """A copy of the real spec whose checksums describe ``files``."""
-    spec = datasets.DATASETS[name]
+    spec = catalog.DATASETS[name]
     gz = {s: _md5(b) for s, b in files.items()}
     content = {s: _md5(gzip.decompress(b)) for s, b in files.items()}
     return dataclasses.replace(
@@ -141,7 +137,7 @@ class _FakeOpener:
 # ----------------------------------------------------------------- real MNIST
 @needs_mnist
 def test_real_mnist_train():
-    images, labels = datasets.load_mnist("mnist", "train", data_dir=SHARED)
+    images, labels = mnist.load_mnist("mnist", "train", data_dir=SHARED)
     assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (60000,) and labels.dtype == np.uint8
     assert labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
@@ -152,7 +148,7 @@ def test_real_mnist_train():
 
 @needs_mnist
 def test_real_mnist_test():
-    images, labels = datasets.load_mnist("mnist", "test", data_dir=MNIST_DIR)
+    images, labels = mnist.load_mnist("mnist", "test", data_dir=MNIST_DIR)
     assert images.shape == (10000, 28, 28)
     assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert np.bincount(labels, minlength=10).tolist() == MNIST_TEST_COUNTS
@@ -166,10 +162,10 @@ def test_real_mnist_test():
 @pytest.mark.parametrize("stem", STEMS)
 def test_real_mnist_checksum_tables(stem):
     raw = (MNIST_DIR / f"{stem}.gz").read_bytes()
-    spec = datasets.DATASETS["mnist"]
+    spec = catalog.DATASETS["mnist"]
     assert _md5(raw) == spec.gz_md5[stem]
     assert _md5(gzip.decompress(raw)) == spec.content_md5[stem]
-    assert datasets.verify_file(MNIST_DIR / f"{stem}.gz", "mnist") == (
+    assert verify.verify_file(MNIST_DIR / f"{stem}.gz", "mnist") == (
         spec.content_md5[stem]
     )
 
@@ -183,26 +179,26 @@ def test_real_mnist_uncompressed_copy_verifies(tmp_path):
         (tmp_path / "plain" / "mnist" / stem).write_bytes(raw)
     for stem in STEMS[:2]:
         shutil.copy(MNIST_DIR / f"{stem}.gz", tmp_path / "plain" / "mnist")
-    images, labels = datasets.load_mnist("mnist", "test", data_dir=tmp_path / "plain")
-    ref_images, ref_labels = datasets.load_mnist("mnist", "test", data_dir=MNIST_DIR)
+    images, labels = mnist.load_mnist("mnist", "test", data_dir=tmp_path / "plain")
+    ref_images, ref_labels = mnist.load_mnist("mnist", "test", data_dir=MNIST_DIR)
     assert np.array_equal(images, ref_images) and np.array_equal(labels, ref_labels)
 
 
 @needs_mnist
 def test_mnist_files_do_not_pass_as_fashion_mnist():
     with pytest.raises(ChecksumError, match="not the 'fashion-mnist' file"):
-        datasets.load_mnist("fashion-mnist", "test", data_dir=MNIST_DIR)
+        mnist.load_mnist("fashion-mnist", "test", data_dir=MNIST_DIR)
 
 
 @needs_mnist
 def test_download_real_files_with_fake_opener(isolated, monkeypatch):
     # The canonical .gz files, served by a fake mirror: the published MD5s
     # of the .gz must match, and they land in the user cache.
-    mirror = datasets.DATASETS["mnist"].mirrors[0]
+    mirror = catalog.DATASETS["mnist"].mirrors[0]
     routes = {mirror + f"{s}.gz": (MNIST_DIR / f"{s}.gz").read_bytes() for s in STEMS}
     opener = _FakeOpener(routes)
-    monkeypatch.setattr(datasets, "_urlopen", opener)
-    found = datasets.find_dataset("mnist")
+    monkeypatch.setattr(download, "_urlopen", opener)
+    found = lookup.find_dataset("mnist")
     assert found == isolated / "home" / ".cache" / "netlite" / "mnist"
     assert sorted(opener.calls) == sorted(routes)
     for stem in STEMS:
@@ -213,12 +209,12 @@ def test_download_real_files_with_fake_opener(isolated, monkeypatch):
 # ----------------------------------------------------------- Fashion-MNIST
 @needs_fashion
 def test_fashion_mnist_from_debian(monkeypatch):
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIRS", (Path("/usr/share/datasets"),))
-    assert datasets.find_dataset("fashion-mnist", download=False) == DEBIAN_FASHION
-    images, labels = datasets.load_mnist("Fashion_MNIST", "train", download=False)
+    monkeypatch.setattr(catalog, "SYSTEM_DATA_DIRS", (Path("/usr/share/datasets"),))
+    assert lookup.find_dataset("fashion-mnist", download=False) == DEBIAN_FASHION
+    images, labels = mnist.load_mnist("Fashion_MNIST", "train", download=False)
     assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [6000] * 10
-    images, labels = datasets.load_mnist("fashion-mnist", "test", download=False)
+    images, labels = mnist.load_mnist("fashion-mnist", "test", download=False)
     assert images.shape == (10000, 28, 28)
     assert np.bincount(labels).tolist() == [1000] * 10
 
@@ -228,146 +224,11 @@ def test_fashion_mnist_from_debian(monkeypatch):
 def test_fashion_mnist_checksum_tables(stem):
     # Debian's .gz differ from Zalando's, the content is the same.
     raw = (DEBIAN_FASHION / f"{stem}.gz").read_bytes()
-    spec = datasets.DATASETS["fashion-mnist"]
+    spec = catalog.DATASETS["fashion-mnist"]
     assert _md5(raw) == spec.other_gz_md5[stem] != spec.gz_md5[stem]
-    assert datasets.verify_file(DEBIAN_FASHION / f"{stem}.gz", "fashion-mnist") == (
+    assert verify.verify_file(DEBIAN_FASHION / f"{stem}.gz", "fashion-mnist") == (
         spec.content_md5[stem]
     )
-
-
-# --------------------------------------------------------------- IDX reader
-@pytest.mark.parametrize("dtype,code", [
-    (np.uint8, 0x08), (np.int8, 0x09), (np.int16, 0x0B), (np.int32, 0x0C),
-    (np.float32, 0x0D), (np.float64, 0x0E),
-])
-@pytest.mark.parametrize("compress", [False, True])
-def test_idx_round_trip_every_type(tmp_path, dtype, code, compress):
-    gen = np.random.default_rng(3)
-    array = (gen.standard_normal((3, 4, 5)) * 100).astype(dtype)
-    path = tmp_path / ("a.idx.gz" if compress else "a.idx")
-    save_idx(path, array)
-    raw = path.read_bytes()
-    assert raw.startswith(b"\x1f\x8b") == compress
-    content = gzip.decompress(raw) if compress else raw
-    # Magic 0x0000 <type> <ndim>, big-endian dimensions and elements.
-    assert content[:4] == bytes([0, 0, code, 3])
-    assert struct.unpack(">3I", content[4:16]) == (3, 4, 5)
-    big = np.dtype(dtype).newbyteorder(">")
-    assert content[16:] == array.astype(big).tobytes()
-    loaded = load_idx(path)
-    assert loaded.dtype == np.dtype(dtype) and loaded.dtype.isnative
-    assert loaded.flags.writeable
-    np.testing.assert_array_equal(loaded, array)
-
-
-def test_idx_compression_detected_by_content_not_name(tmp_path):
-    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    save_idx(tmp_path / "raw.gz", array, compress=False)
-    save_idx(tmp_path / "zipped.idx", array, compress=True)
-    assert not (tmp_path / "raw.gz").read_bytes().startswith(b"\x1f\x8b")
-    assert (tmp_path / "zipped.idx").read_bytes().startswith(b"\x1f\x8b")
-    np.testing.assert_array_equal(load_idx(tmp_path / "raw.gz"), array)
-    np.testing.assert_array_equal(load_idx(tmp_path / "zipped.idx"), array)
-
-
-def test_idx_one_dimension_and_empty(tmp_path):
-    save_idx(tmp_path / "l", np.array([3, 1, 4], np.uint8))
-    assert load_idx(tmp_path / "l").tolist() == [3, 1, 4]
-    save_idx(tmp_path / "e", np.zeros((0, 28, 28), np.uint8))
-    assert load_idx(tmp_path / "e").shape == (0, 28, 28)
-
-
-def test_save_idx_rejects_unsupported(tmp_path):
-    with pytest.raises(TypeError, match="bool"):
-        save_idx(tmp_path / "b", np.zeros(3, bool))
-    with pytest.raises(ValueError, match="1 to 255 axes"):
-        save_idx(tmp_path / "s", np.uint8(3))
-
-
-def _write(tmp_path, name, payload):
-    path = tmp_path / name
-    path.write_bytes(payload)
-    return path
-
-
-def _header(code, dims):
-    return bytes([0, 0, code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
-
-
-@pytest.mark.parametrize("payload,pattern", [
-    (b"", r"not an IDX file: 0 byte\(s\)"),
-    (b"\x00\x00\x08", r"not an IDX file: 3 byte"),
-    (b"\x01\x00\x08\x01" + b"\x00" * 8, r"bad IDX magic number 0x01000801"),
-    (b"PK\x03\x04" + b"\x00" * 8, r"bad IDX magic number 0x504b0304"),
-    (b"\x00\x00\x07\x01\x00\x00\x00\x01\x00", r"unknown element type 0x07"),
-    (b"\x00\x00\x08\x00", r"zero dimensions"),
-    (b"\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00",
-     r"truncated IDX header: .* 3 dimension\(s\), which need 16 header bytes; "
-     r"the file has 10"),
-])
-def test_idx_bad_header(tmp_path, payload, pattern):
-    path = _write(tmp_path, "bad-idx", payload)
-    with pytest.raises(IDXFormatError, match=pattern) as info:
-        load_idx(path)
-    assert str(path) in str(info.value)
-    assert isinstance(info.value, ValueError)
-    assert isinstance(info.value, NetliteError)
-
-
-def test_idx_short_file_reports_expected_and_actual_bytes(tmp_path):
-    content = _header(0x08, (10, 28, 28)) + bytes(10 * 784 - 100)
-    path = _write(tmp_path, "short-images", content)
-    expected = 16 + 7840
-    with pytest.raises(IDXFormatError) as info:
-        load_idx(path)
-    message = str(info.value)
-    assert str(path) in message and "truncated" in message
-    assert f"must be {expected} bytes" in message
-    assert f"it is {expected - 100} bytes (100 missing)" in message
-    assert "10 x 28 x 28" in message
-
-
-def test_idx_wrong_dims_and_trailing_data(tmp_path):
-    # Header claims 3 x 2 int32, the payload holds 7 of them.
-    content = _header(0x0C, (3, 2)) + bytes(4 * 7)
-    with pytest.raises(IDXFormatError, match=r"trailing data.*must be 36 bytes.*"
-                       r"it is 40 bytes \(4 extra\)"):
-        load_idx(_write(tmp_path, "long", content))
-    # Multi-byte types: the length check counts itemsize.
-    content = _header(0x0E, (4,)) + bytes(8 * 3)
-    with pytest.raises(IDXFormatError, match=r"must be 40 bytes .* 4 x 8"):
-        load_idx(_write(tmp_path, "double", content))
-
-
-def test_idx_truncated_gzip(tmp_path):
-    payload = gzip.compress(_header(0x08, (50, 28, 28)) + bytes(range(256)) * 154)
-    path = _write(tmp_path, "cut.gz", payload[: len(payload) // 2])
-    with pytest.raises(IDXFormatError, match=r"truncated gzip stream") as info:
-        load_idx(path)
-    assert str(path) in str(info.value)
-    # Even losing only the 8-byte trailer (CRC and length) is detected.
-    path = _write(tmp_path, "notrailer.gz", payload[:-8])
-    with pytest.raises(IDXFormatError, match=r"truncated gzip stream"):
-        load_idx(path)
-
-
-def test_idx_gzip_crc_error(tmp_path):
-    payload = bytearray(gzip.compress(_header(0x08, (2, 2)) + b"abcd"))
-    payload[-8] ^= 0xFF  # the CRC32 of the content
-    with pytest.raises(IDXFormatError, match=r"corrupt gzip stream: CRC check"):
-        load_idx(_write(tmp_path, "crc.gz", bytes(payload)))
-
-
-def test_idx_corrupt_deflate_data(tmp_path):
-    payload = bytearray(gzip.compress(bytes(range(256)) * 64))
-    payload[20:30] = b"\xff" * 10
-    with pytest.raises(IDXFormatError, match=r"corrupt gzip stream"):
-        load_idx(_write(tmp_path, "bad.gz", bytes(payload)))
-
-
-def test_idx_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        load_idx(tmp_path / "nope")
 
 
 # ------------------------------------------------------------------ lookup
@@ -384,23 +245,23 @@ def test_lookup_order(isolated, monkeypatch):
     cache = _complete_dir(root / "home" / ".cache" / "netlite" / "mnist")
     system = _complete_dir(root / "system" / "mnist")
     monkeypatch.setenv("NETLITE_DATA", str(root / "env"))
-    datasets.set_data_dir(root / "setting")
+    catalog.set_data_dir(root / "setting")
     expected = [explicit, setting, env, cache, system]
     for directory in expected:
-        found = datasets.find_dataset("mnist", data_dir=root / "explicit",
+        found = lookup.find_dataset("mnist", data_dir=root / "explicit",
                                       download=False)
         assert found == directory
         shutil.rmtree(directory)
     with pytest.raises(DatasetNotFoundError):
-        datasets.find_dataset("mnist", data_dir=root / "explicit", download=False)
+        lookup.find_dataset("mnist", data_dir=root / "explicit", download=False)
 
 
 def test_search_dirs_lists_everything_in_order(isolated, monkeypatch):
     root = isolated
     monkeypatch.setenv("NETLITE_DATA", os.pathsep.join([str(root / "a"),
                                                         str(root / "b")]))
-    datasets.set_data_dir(root / "cli")
-    dirs = [d for d, _ in datasets.search_dirs("mnist", data_dir=root / "arg")]
+    catalog.set_data_dir(root / "cli")
+    dirs = [d for d, _ in catalog.search_dirs("mnist", data_dir=root / "arg")]
     assert dirs == [
         root / "arg" / "mnist", root / "arg",
         root / "cli" / "mnist", root / "cli",
@@ -412,30 +273,30 @@ def test_search_dirs_lists_everything_in_order(isolated, monkeypatch):
 
 def test_xdg_cache_home(isolated, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(isolated / "xdg"))
-    assert datasets.cache_dir("mnist") == isolated / "xdg" / "netlite" / "mnist"
+    assert catalog.cache_dir("mnist") == isolated / "xdg" / "netlite" / "mnist"
     _complete_dir(isolated / "xdg" / "netlite" / "mnist")
-    assert datasets.find_dataset("mnist", download=False) == (
+    assert lookup.find_dataset("mnist", download=False) == (
         isolated / "xdg" / "netlite" / "mnist"
     )
     # A relative XDG_CACHE_HOME is ignored (XDG base directory spec).
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
-    assert datasets.cache_dir() == isolated / "home" / ".cache" / "netlite"
+    assert catalog.cache_dir() == isolated / "home" / ".cache" / "netlite"
 
 
 def test_netlite_data_needs_the_dataset_subdirectory(isolated, monkeypatch):
     _complete_dir(isolated / "flat")
     monkeypatch.setenv("NETLITE_DATA", str(isolated / "flat"))
     with pytest.raises(DatasetNotFoundError):
-        datasets.find_dataset("mnist", download=False)
+        lookup.find_dataset("mnist", download=False)
     _complete_dir(isolated / "flat" / "fashion-mnist")
-    assert datasets.find_dataset("fashion-mnist", download=False) == (
+    assert lookup.find_dataset("fashion-mnist", download=False) == (
         isolated / "flat" / "fashion-mnist"
     )
 
 
 def test_lookup_accepts_uncompressed_and_mixed(isolated):
     _complete_dir(isolated / "plain" / "mnist", compress=False)
-    assert datasets.find_dataset("mnist", isolated / "plain", download=False) == (
+    assert lookup.find_dataset("mnist", isolated / "plain", download=False) == (
         isolated / "plain" / "mnist"
     )
     # Mixed: one file uncompressed, the others gzip.
@@ -443,7 +304,7 @@ def test_lookup_accepts_uncompressed_and_mixed(isolated):
     gz = mixed / "t10k-labels-idx1-ubyte.gz"
     (mixed / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(gz.read_bytes()))
     gz.unlink()
-    images_path, labels_path = datasets.dataset_files(
+    images_path, labels_path = lookup.dataset_files(
         "mnist", "test", isolated / "mixed", download=False
     )
     assert images_path.name == "t10k-images-idx3-ubyte.gz"
@@ -455,37 +316,37 @@ def test_lookup_skips_incomplete_directory(isolated):
     partial = _complete_dir(isolated / "partial" / "mnist")
     (partial / "train-images-idx3-ubyte.gz").unlink()
     complete = _complete_dir(isolated / "home" / ".cache" / "netlite" / "mnist")
-    assert datasets.find_dataset("mnist", isolated / "partial",
+    assert lookup.find_dataset("mnist", isolated / "partial",
                                  download=False) == complete
     shutil.rmtree(complete)
     with pytest.raises(DatasetNotFoundError,
                        match=r"partial/mnist  \(data directory; incomplete, "
                              r"missing train-images-idx3-ubyte\)"):
-        datasets.find_dataset("mnist", isolated / "partial", download=False)
+        lookup.find_dataset("mnist", isolated / "partial", download=False)
 
 
 def test_dataset_names_and_splits():
-    assert datasets.get_spec("Fashion_MNIST").name == "fashion-mnist"
-    assert datasets.normalize_split("t10k") == "test"
-    assert datasets.parse_source("fashion-mnist:train") == ("fashion-mnist", "train")
+    assert catalog.get_spec("Fashion_MNIST").name == "fashion-mnist"
+    assert catalog.normalize_split("t10k") == "test"
+    assert catalog.parse_source("fashion-mnist:train") == ("fashion-mnist", "train")
     with pytest.raises(ValueError, match="known datasets: mnist, fashion-mnist"):
-        datasets.get_spec("cifar10")
+        catalog.get_spec("cifar10")
     with pytest.raises(ValueError, match="'train' or 'test'"):
-        datasets.normalize_split("validation")
+        catalog.normalize_split("validation")
     with pytest.raises(ValueError, match="'<dataset>:<split>'"):
-        datasets.parse_source("mnist")
+        catalog.parse_source("mnist")
 
 
 # ------------------------------------------------------------ offline errors
 def test_offline_message_lists_every_path_and_file(isolated, monkeypatch):
     monkeypatch.setenv("NETLITE_DATA", str(isolated / "env"))
-    datasets.set_data_dir(isolated / "cli")
+    catalog.set_data_dir(isolated / "cli")
     with pytest.raises(DatasetNotFoundError) as info:
-        datasets.find_dataset("fashion-mnist", data_dir=isolated / "arg")
+        lookup.find_dataset("fashion-mnist", data_dir=isolated / "arg")
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
     assert "network disabled in the tests" in message
-    for directory, _ in datasets.search_dirs("fashion-mnist", isolated / "arg"):
+    for directory, _ in catalog.search_dirs("fashion-mnist", isolated / "arg"):
         assert str(directory) in message
     for stem in STEMS:
         assert f"{stem}.gz" in message
@@ -497,12 +358,12 @@ def test_offline_message_lists_every_path_and_file(isolated, monkeypatch):
 
 def test_no_download_when_disabled(isolated, monkeypatch):
     opener = _FakeOpener({})
-    monkeypatch.setattr(datasets, "_urlopen", opener)
+    monkeypatch.setattr(download, "_urlopen", opener)
     with pytest.raises(DatasetNotFoundError, match="downloading was not requested"):
-        datasets.find_dataset("mnist", download=False)
+        lookup.find_dataset("mnist", download=False)
     monkeypatch.setenv("NETLITE_OFFLINE", "1")
     with pytest.raises(DatasetNotFoundError, match="NETLITE_OFFLINE"):
-        datasets.find_dataset("mnist")
+        lookup.find_dataset("mnist")
     assert opener.calls == []
 
 
@@ -510,7 +371,7 @@ def test_unwritable_cache_is_reported_as_not_found(isolated, monkeypatch):
     blocker = isolated / "home" / ".cache"
     blocker.write_text("a file where the cache directory should be")
     with pytest.raises(DatasetNotFoundError, match="the download failed"):
-        datasets.find_dataset("mnist")
+        lookup.find_dataset("mnist")
 
 
 # ---------------------------------------------------------------- download
@@ -521,10 +382,10 @@ def _routes(spec, files, mirror=0):
 def test_download_into_cache_and_verify(isolated, monkeypatch):
     files = _synthetic_files(isolated / "origin")
     spec = _synthetic_spec(files)
-    monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
+    monkeypatch.setitem(catalog.DATASETS, "mnist", spec)
     opener = _FakeOpener(_routes(spec, files))
-    monkeypatch.setattr(datasets, "_urlopen", opener)
-    images, labels = datasets.load_mnist("mnist", "train")
+    monkeypatch.setattr(download, "_urlopen", opener)
+    images, labels = mnist.load_mnist("mnist", "train")
     cache = isolated / "home" / ".cache" / "netlite" / "mnist"
     assert sorted(p.name for p in cache.iterdir()) == sorted(f"{s}.gz" for s in STEMS)
     for stem, payload in files.items():
@@ -532,20 +393,20 @@ def test_download_into_cache_and_verify(isolated, monkeypatch):
     assert images.shape == (12, 28, 28) and labels.shape == (12,)
     # Found in the cache the second time: nothing is downloaded again.
     opener.calls.clear()
-    datasets.load_mnist("mnist", "test")
+    mnist.load_mnist("mnist", "test")
     assert opener.calls == []
 
 
 def test_download_falls_back_to_next_mirror(isolated, monkeypatch):
     files = _synthetic_files(isolated / "origin")
     spec = _synthetic_spec(files)
-    monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
+    monkeypatch.setitem(catalog.DATASETS, "mnist", spec)
     routes = _routes(spec, files, mirror=1)
     for stem in STEMS:
         routes[spec.mirrors[0] + f"{stem}.gz"] = urllib.error.URLError("refused")
     opener = _FakeOpener(routes)
-    monkeypatch.setattr(datasets, "_urlopen", opener)
-    found = datasets.find_dataset("mnist")
+    monkeypatch.setattr(download, "_urlopen", opener)
+    found = lookup.find_dataset("mnist")
     assert len(opener.calls) == 8
     assert all((found / f"{s}.gz").read_bytes() == files[s] for s in STEMS)
 
@@ -553,15 +414,15 @@ def test_download_falls_back_to_next_mirror(isolated, monkeypatch):
 def test_download_checksum_mismatch(isolated, monkeypatch):
     files = _synthetic_files(isolated / "origin")
     spec = _synthetic_spec(files)
-    monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
+    monkeypatch.setitem(catalog.DATASETS, "mnist", spec)
     tampered = dict(files)
     bad = "t10k-labels-idx1-ubyte"  # the last one: the others are kept
     tampered[bad] = gzip.compress(b"\x00\x00\x08\x01" + b"xy")
     routes = _routes(spec, tampered, 0)
     routes.update(_routes(spec, tampered, 1))
-    monkeypatch.setattr(datasets, "_urlopen", _FakeOpener(routes))
+    monkeypatch.setattr(download, "_urlopen", _FakeOpener(routes))
     with pytest.raises(ChecksumError) as info:
-        datasets.find_dataset("mnist")
+        lookup.find_dataset("mnist")
     message = str(info.value)
     assert spec.gz_md5[bad] in message and _md5(tampered[bad]) in message
     assert all(m + f"{bad}.gz" in message for m in spec.mirrors)
@@ -575,48 +436,48 @@ def test_download_checksum_mismatch(isolated, monkeypatch):
 def test_download_bad_first_mirror_good_second(isolated, monkeypatch):
     files = _synthetic_files(isolated / "origin")
     spec = _synthetic_spec(files)
-    monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
+    monkeypatch.setitem(catalog.DATASETS, "mnist", spec)
     routes = _routes(spec, files, 1)
     routes.update({k: b"garbage" for k in _routes(spec, files, 0)})
-    monkeypatch.setattr(datasets, "_urlopen", _FakeOpener(routes))
-    found = datasets.find_dataset("mnist")
+    monkeypatch.setattr(download, "_urlopen", _FakeOpener(routes))
+    found = lookup.find_dataset("mnist")
     assert all((found / f"{s}.gz").read_bytes() == files[s] for s in STEMS)
 
 
 def test_download_accepts_recompressed_gzip_with_same_content(isolated, monkeypatch):
     files = _synthetic_files(isolated / "origin")
     spec = _synthetic_spec(files)
-    monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
+    monkeypatch.setitem(catalog.DATASETS, "mnist", spec)
     # Another gzip header (time stamp, level): another .gz MD5, same content.
     repacked = {s: gzip.compress(gzip.decompress(b), compresslevel=1, mtime=12345)
                 for s, b in files.items()}
     assert all(_md5(repacked[s]) != spec.gz_md5[s] for s in STEMS)
-    monkeypatch.setattr(datasets, "_urlopen", _FakeOpener(_routes(spec, repacked)))
-    images, _ = datasets.load_mnist("mnist", "train")
+    monkeypatch.setattr(download, "_urlopen", _FakeOpener(_routes(spec, repacked)))
+    images, _ = mnist.load_mnist("mnist", "train")
     assert images.shape == (12, 28, 28)
 
 
 def test_interrupted_download_leaves_no_file(isolated, monkeypatch):
     files = _synthetic_files(isolated / "origin")
     spec = _synthetic_spec(files)
-    monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
-    monkeypatch.setattr(datasets, "_urlopen",
+    monkeypatch.setitem(catalog.DATASETS, "mnist", spec)
+    monkeypatch.setattr(download, "_urlopen",
                         _FakeOpener(_routes(spec, files), fail_after=100))
     target = isolated / "target"
     target.mkdir()
     with pytest.raises(ConnectionResetError):
-        datasets.download_dataset("mnist", target, mirrors=spec.mirrors[:1])
+        download.download_dataset("mnist", target, mirrors=spec.mirrors[:1])
     assert list(target.iterdir()) == []
 
 
 def test_download_progress_bar(isolated, monkeypatch, capsys):
     files = _synthetic_files(isolated / "origin")
     spec = _synthetic_spec(files)
-    monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
-    monkeypatch.setattr(datasets, "_urlopen", _FakeOpener(_routes(spec, files)))
-    datasets.download_dataset("mnist", isolated / "quiet", progress=False)
+    monkeypatch.setitem(catalog.DATASETS, "mnist", spec)
+    monkeypatch.setattr(download, "_urlopen", _FakeOpener(_routes(spec, files)))
+    download.download_dataset("mnist", isolated / "quiet", progress=False)
     assert capsys.readouterr().err == ""
-    datasets.download_dataset("mnist", isolated / "loud", progress=True)
+    download.download_dataset("mnist", isolated / "loud", progress=True)
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte.gz" in err
 
@@ -629,9 +490,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def test_download_from_local_http_server(isolated, monkeypatch):
     files = _synthetic_files(isolated / "served")
     spec = _synthetic_spec(files)
-    monkeypatch.setitem(datasets.DATASETS, "mnist", spec)
-    monkeypatch.setattr(datasets, "_urlopen", None)  # the real urlopen
-    monkeypatch.setattr(datasets, "DOWNLOAD_TIMEOUT", 10)
+    monkeypatch.setitem(catalog.DATASETS, "mnist", spec)
+    monkeypatch.setattr(download, "_urlopen", None)  # the real urlopen
+    monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT", 10)
 
     def handler(*args, **kwargs):
         return _QuietHandler(*args, directory=str(isolated / "served"), **kwargs)
@@ -641,7 +502,7 @@ def test_download_from_local_http_server(isolated, monkeypatch):
     thread.start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}/"
-        target = datasets.download_dataset(
+        target = download.download_dataset(
             "mnist", isolated / "dl", progress=False,
             mirrors=[base + "missing/", base],  # the first one answers 404
         )
@@ -655,14 +516,14 @@ def test_download_from_local_http_server(isolated, monkeypatch):
 # ------------------------------------------------------- loading and cache
 def test_load_verifies_checksums(isolated, monkeypatch):
     files = _synthetic_files(isolated / "data" / "mnist")
-    monkeypatch.setitem(datasets.DATASETS, "mnist", _synthetic_spec(files))
-    datasets.load_mnist("mnist", "test", isolated / "data")
+    monkeypatch.setitem(catalog.DATASETS, "mnist", _synthetic_spec(files))
+    mnist.load_mnist("mnist", "test", isolated / "data")
     other = _synthetic_files(isolated / "other" / "mnist", seed=9)
     assert other != files
     with pytest.raises(ChecksumError, match="t10k-images-idx3-ubyte.*MD5") as info:
-        datasets.load_mnist("mnist", "test", isolated / "other")
+        mnist.load_mnist("mnist", "test", isolated / "other")
     assert "image_source/label_source" in str(info.value)
-    images, _ = datasets.load_mnist("mnist", "test", isolated / "other", verify=False)
+    images, _ = mnist.load_mnist("mnist", "test", isolated / "other", verify=False)
     assert images.shape == (5, 28, 28)
 
 
@@ -670,14 +531,14 @@ def test_cache_shares_and_notices_changes(isolated):
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     path = isolated / "x.idx"
     save_idx(path, array)
-    first = datasets.load_idx_cached(path)
-    assert datasets.load_idx_cached(path) is first
+    first = mnist.load_idx_cached(path)
+    assert mnist.load_idx_cached(path) is first
     assert not first.flags.writeable
     save_idx(path, array[:1])
     os.utime(path, ns=(1, 1))  # a new mtime even on coarse clocks
-    assert datasets.load_idx_cached(path).shape == (1, 3, 4)
-    datasets.clear_cache()
-    assert datasets.load_idx_cached(path) is not first
+    assert mnist.load_idx_cached(path).shape == (1, 3, 4)
+    mnist.clear_cache()
+    assert mnist.load_idx_cached(path) is not first
 
 
 def test_pair_validation(isolated):
@@ -687,10 +548,10 @@ def test_pair_validation(isolated):
     save_idx(isolated / "lab2d", np.zeros((4, 1), np.uint8))
     save_idx(isolated / "flat", np.zeros(4, np.uint8))
     with pytest.raises(IDXFormatError, match="has 4 images but .* has 3 labels"):
-        datasets.load_idx_pair(isolated / "img", isolated / "lab3")
+        mnist.load_idx_pair(isolated / "img", isolated / "lab3")
     with pytest.raises(IDXFormatError, match="1-D integer array"):
-        datasets.load_idx_pair(isolated / "img", isolated / "labf")
+        mnist.load_idx_pair(isolated / "img", isolated / "labf")
     with pytest.raises(IDXFormatError, match="1-D integer array"):
-        datasets.load_idx_pair(isolated / "img", isolated / "lab2d")
+        mnist.load_idx_pair(isolated / "img", isolated / "lab2d")
     with pytest.raises(IDXFormatError, match="at least 2 axes"):
-        datasets.load_idx_pair(isolated / "flat", isolated / "flat")
+        mnist.load_idx_pair(isolated / "flat", isolated / "flat")

@@ -1,35 +1,26 @@
-"""The ``netlite`` command line: Caffe's ``caffe`` tool in Python.
+"""The work behind ``netlite train``, ``netlite test`` and ``netlite time``.
 
-::
-
-    netlite train --solver S [--weights W | --snapshot F] [--engine E] [--gpu [N]]
-                  [--data DIR] [--plot DIR]
-    netlite test  --model M --weights W [--iterations N] [--engine E] [--gpu [N]]
-    netlite time  --model M [--iterations N] [--phase TRAIN|TEST] [--engine E]
-    netlite convert-mnist ...
-
-The command line only parses arguments and configures logging; the work is
-done by :func:`train`, :func:`test` and :func:`time_net`, which are the same
-functions a Python program calls.  Log lines come from the ``netlite``
-logger (the solver's and the Net's Caffe-style messages) and are written to
-stdout in a glog-like format.  See docs/cli.md.
+:func:`train`, :func:`test` and :func:`time_net` are the same functions a
+Python program calls; the command line (:mod:`netlite.tools.cli`) only
+parses arguments and configures logging.  They log through the ``netlite``
+logger, as Caffe's ``caffe`` tool does.  See docs/cli.md.
 """
 
-import argparse
 import collections
 import logging
 import os
-import sys
 import time as _time
 
+import numpy as np
+
 from netlite import backend
-from netlite.errors import NetliteError
+from netlite.data import catalog
 from netlite.layer import TEST, TRAIN
+from netlite.net import Net
+from netlite.solvers.registry import get_solver
+from netlite.tools import logs, plotting
 
 logger = logging.getLogger("netlite")
-
-#: Exit status after Ctrl-C (the shell's 128 + SIGINT).
-EXIT_INTERRUPTED = 130
 
 TestResult = collections.namedtuple("TestResult", ["outputs", "loss"])
 TestResult.__doc__ = """What :func:`test` measured.
@@ -50,7 +41,7 @@ class TrainResult(collections.namedtuple(
     ----------
     solver : netlite solver
         The solver after training (``solver.net`` holds the weights).
-    history : netlite.plotting.TrainingHistory
+    history : netlite.tools.plotting.TrainingHistory
         Training loss per iteration and every test pass.
     plots : list of str
         PNG files written (empty without ``plot_dir``).
@@ -65,64 +56,6 @@ class TrainResult(collections.namedtuple(
         """``{output name: value}`` of the last test pass of test net #0."""
         outputs = self.history.tests.get(0, {})
         return {name: series[-1][1] for name, series in outputs.items()}
-
-
-# ----------------------------------------------------------------- logging
-class CaffeFormatter(logging.Formatter):
-    """glog's line layout: ``I1124 14:15:00.123456 solver.py:218] message``."""
-
-    _LETTERS = {"DEBUG": "D", "INFO": "I", "WARNING": "W", "ERROR": "E",
-                "CRITICAL": "F"}
-
-    def format(self, record):
-        stamp = _time.strftime("%m%d %H:%M:%S", _time.localtime(record.created))
-        micros = int((record.created % 1) * 1e6)
-        letter = self._LETTERS.get(record.levelname, record.levelname[:1])
-        head = f"{letter}{stamp}.{micros:06d} {record.filename}:{record.lineno}]"
-        text = f"{head} {record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-class _TqdmAwareHandler(logging.StreamHandler):
-    """Write log lines above an active tqdm bar instead of through it."""
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self.bar = None
-
-    def emit(self, record):
-        if self.bar is None:
-            super().emit(record)
-            return
-        try:
-            # One write call per line: an interrupt between the text and
-            # its newline would glue the next line onto this one.
-            self.bar.write(self.format(record) + "\n", file=self.stream, end="")
-        except Exception:  # logging must never raise into the caller
-            self.handleError(record)
-
-
-_handler = None
-
-
-def configure_logging(level=logging.INFO, stream=None):
-    """Send the ``netlite`` logger to ``stream`` (stdout) in glog's format.
-
-    Calling it again replaces the handler it installed before (tests call
-    :func:`main` many times in one process).
-    """
-    global _handler
-    if _handler is not None:
-        logger.removeHandler(_handler)
-    _handler = _TqdmAwareHandler(stream if stream is not None else sys.stdout)
-    _handler.setFormatter(CaffeFormatter())
-    logger.addHandler(_handler)
-    logger.setLevel(level)
-    # The CLI owns the output; do not duplicate lines through the root logger.
-    logger.propagate = False
-    return _handler
 
 
 # ------------------------------------------------------------------ set-up
@@ -154,9 +87,7 @@ def set_data_dir(data_dir):
         return
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data: no such directory: {data_dir}")
-    from netlite import datasets
-
-    datasets.set_data_dir(data_dir)
+    catalog.set_data_dir(data_dir)
 
 
 def _parse_phase(phase):
@@ -195,10 +126,6 @@ def test(model, weights, iterations=50, engine=None, gpu=None, data_dir=None,
     -------
     TestResult
     """
-    import numpy as np
-
-    from netlite.net import Net
-
     select_device(engine, gpu)
     set_data_dir(data_dir)
     iterations = int(iterations)
@@ -253,8 +180,6 @@ def time_net(model, iterations=50, phase=TRAIN, engine=None, gpu=None,
         ``"forward_backward_ms"`` (averages per iteration) and
         ``"total_ms"``.
     """
-    from netlite.net import Net
-
     select_device(engine, gpu)
     set_data_dir(data_dir)
     iterations = int(iterations)
@@ -340,62 +265,6 @@ def _plot_prefix(solver_path):
     return stem.rstrip("_") + "_"
 
 
-def _want_progress(progress):
-    if progress is not None:
-        return bool(progress)
-    try:
-        tty = sys.stdout.isatty()
-    except (AttributeError, ValueError):
-        tty = False
-    if not tty:
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("tqdm") is not None
-
-
-class _Progress:
-    """A tqdm bar driven by the solver's callbacks (or nothing)."""
-
-    def __init__(self, enabled, start, total):
-        self.bar = None
-        if not enabled or total <= start:
-            return
-        from tqdm import tqdm
-
-        self.bar = tqdm(
-            total=total, initial=start, unit="iter", file=sys.stdout,
-            dynamic_ncols=True, leave=True, desc="train",
-        )
-        if _handler is not None:
-            _handler.bar = self.bar
-        self.postfix = {}
-
-    def iteration(self, smoothed_loss, lr):
-        if self.bar is None:
-            return
-        self.postfix["loss"] = f"{smoothed_loss:.4g}"
-        self.postfix["lr"] = f"{lr:.3g}"
-        self.bar.set_postfix(self.postfix, refresh=False)
-        self.bar.update(1)
-
-    def test(self, scores):
-        if self.bar is None:
-            return
-        for name, value in scores.items():
-            if "acc" in name.lower() and isinstance(value, float):
-                self.postfix[f"test {name}"] = f"{value:.4f}"
-        self.bar.set_postfix(self.postfix)
-
-    def close(self):
-        if self.bar is None:
-            return
-        self.bar.close()
-        if _handler is not None:
-            _handler.bar = None
-        self.bar = None
-
-
 def train(solver_path, weights=None, snapshot=None, engine=None, gpu=None,
           data_dir=None, plot_dir=None, progress=None):
     """Train like ``caffe train``; the function behind ``netlite train``.
@@ -433,9 +302,6 @@ def train(solver_path, weights=None, snapshot=None, engine=None, gpu=None,
         has then written a snapshot of the last completed iteration (see
         ``result.solver``), and the plots show the run so far.
     """
-    from netlite import plotting
-    from netlite.solver import get_solver
-
     if weights and snapshot:
         raise ValueError(
             "give a snapshot to resume training or weights to fine-tune, not both"
@@ -460,7 +326,8 @@ def train(solver_path, weights=None, snapshot=None, engine=None, gpu=None,
 
     history = plotting.TrainingHistory()
     snapshots = []
-    bar = _Progress(_want_progress(progress), solver.iter, solver.param.max_iter)
+    bar = logs.Progress(logs.want_progress(progress), solver.iter,
+                        solver.param.max_iter)
 
     def on_iteration(iteration, loss, smoothed_loss, lr):
         history.add_train(iteration, loss)
@@ -491,182 +358,3 @@ def train(solver_path, weights=None, snapshot=None, engine=None, gpu=None,
                                       prefix=_plot_prefix(solver_path),
                                       title=solver.net.name or None)
     return TrainResult(solver, history, plots, interrupted)
-
-
-# --------------------------------------------------------------- commands
-def _gpu_arg(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a CUDA device number, got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"device number must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _add_device_args(p):
-    p.add_argument(
-        "--engine", choices=backend.CPU_ENGINES, default=None,
-        help="CPU engine: numpy (the reference) or numba (JIT kernels); "
-             "default: $NETLITE_CPU_ENGINE or numpy",
-    )
-    p.add_argument(
-        "--gpu", nargs="?", const=0, default=None, type=_gpu_arg, metavar="N",
-        help="run on CUDA device N (default 0) with CuPy",
-    )
-    p.add_argument(
-        "--data", metavar="DIR", default=None,
-        help="look for datasets (mnist/, fashion-mnist/) here first",
-    )
-
-
-def _add_state_args(p):
-    p.add_argument("--level", type=int, default=0, help="NetState level (default 0)")
-    p.add_argument(
-        "--stage", action="append", default=[], metavar="NAME",
-        help="NetState stage (repeat for several)",
-    )
-
-
-def build_parser():
-    """The argument parser of the ``netlite`` command."""
-    parser = argparse.ArgumentParser(
-        prog="netlite",
-        description="Train, score and time Caffe-style nets with netlite.",
-        epilog="See docs/cli.md for examples.",
-    )
-    parser.add_argument("--version", action="version",
-                        version=f"%(prog)s {_version()}")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="log warnings and errors only")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    p = sub.add_parser("train", help="train a model from a solver prototxt",
-                       description="Train a model (caffe train).")
-    p.add_argument("--solver", required=True, metavar="S",
-                   help="solver prototxt")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument(
-        "--weights", metavar="W",
-        help="initialise from these weights (.caffemodel or .npz; "
-             "comma-separated for several) to fine-tune",
-    )
-    group.add_argument("--snapshot", metavar="F",
-                       help="resume from a .solverstate file")
-    _add_device_args(p)
-    p.add_argument("--plot", metavar="DIR", default=None,
-                   help="write training-loss and test-accuracy PNG plots here")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar even when stdout is a terminal")
-
-    p = sub.add_parser("test", help="score a trained model",
-                       description="Score a model (caffe test).")
-    p.add_argument("--model", required=True, metavar="M", help="net prototxt")
-    p.add_argument("--weights", required=True, metavar="W",
-                   help="trained weights (.caffemodel or .npz)")
-    p.add_argument("--iterations", type=_positive_int, default=50, metavar="N",
-                   help="number of batches to run (default 50)")
-    _add_device_args(p)
-    _add_state_args(p)
-
-    p = sub.add_parser("time", help="time each layer's forward and backward",
-                       description="Benchmark a model (caffe time).")
-    p.add_argument("--model", required=True, metavar="M", help="net prototxt")
-    p.add_argument("--iterations", type=_positive_int, default=50, metavar="N",
-                   help="number of timed iterations (default 50)")
-    p.add_argument("--phase", choices=("TRAIN", "TEST"), default="TRAIN",
-                   type=str.upper, help="net phase (default TRAIN)")
-    _add_device_args(p)
-    _add_state_args(p)
-
-    sub.add_parser(
-        "convert-mnist", add_help=False,
-        help="write MNIST IDX files as Caffe's LMDB databases "
-             "(netlite convert-mnist --help)",
-    )
-    return parser
-
-
-def _version():
-    from netlite import __version__
-
-    return __version__
-
-
-def main(argv=None):
-    """Entry point of the ``netlite`` console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "convert-mnist" in argv:
-        # Everything after the command belongs to convert_mnist's own parser.
-        i = argv.index("convert-mnist")
-        if all(a in ("-q", "--quiet") for a in argv[:i]):
-            from netlite import convert_mnist
-
-            return convert_mnist.main(argv[i + 1:]) or 0
-    args = build_parser().parse_args(argv)
-    configure_logging(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        if args.command == "train":
-            result = train(
-                args.solver, weights=args.weights, snapshot=args.snapshot,
-                engine=args.engine, gpu=args.gpu, data_dir=args.data,
-                plot_dir=args.plot,
-                progress=False if args.no_progress else None,
-            )
-            return _report_train(result)
-        if args.command == "test":
-            test(args.model, args.weights, iterations=args.iterations,
-                 engine=args.engine, gpu=args.gpu, data_dir=args.data,
-                 level=args.level, stages=args.stage)
-        elif args.command == "time":
-            time_net(args.model, iterations=args.iterations, phase=args.phase,
-                     engine=args.engine, gpu=args.gpu, data_dir=args.data,
-                     level=args.level, stages=args.stage)
-        return 0
-    except KeyboardInterrupt:
-        print("netlite: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (NetliteError, OSError, ValueError, ImportError, RuntimeError) as exc:
-        print(f"netlite {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-
-
-def _report_train(result):
-    """Print the end-of-training summary; return the exit status."""
-    solver = result.solver
-    snapshots = getattr(solver, "snapshots", [])
-    if result.interrupted:
-        msg = f"netlite train: interrupted at iteration {solver.iter}"
-        if snapshots:
-            state = snapshots[-1][2]
-            msg += f"; snapshot written: {state} (resume with --snapshot {state})"
-        print(msg, file=sys.stderr)
-    for net_id, outputs in sorted(result.history.tests.items()):
-        for name, series in outputs.items():
-            iteration, value = series[-1]
-            label = "Final test" if not result.interrupted else "Last test"
-            shown = f"{value:.4f}" if "acc" in name.lower() else f"{value:.6g}"
-            print(f"{label} {name} (test net #{net_id}, iteration {iteration}): "
-                  f"{shown}")
-    if snapshots:
-        print(f"Weights: {snapshots[-1][1]}")
-    for path in result.plots:
-        print(f"Plot: {path}")
-    return EXIT_INTERRUPTED if result.interrupted else 0
-
-
-if __name__ == "__main__":  # python -m netlite.cli
-    sys.exit(main())

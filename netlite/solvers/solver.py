@@ -16,20 +16,23 @@ A solver owns one train net and zero or more test nets built from a
 6. snapshot every ``snapshot`` iterations.
 
 This module holds the :class:`Solver` class (construction, the main loop,
-test nets, display, callbacks); its parts live beside it:
+test nets, display, callbacks); its parts live beside it in
+:mod:`netlite.solvers`:
 
-* :mod:`netlite.solver_param`: reading, upgrading and checking the
-  ``SolverParameter``, building the train and test nets;
-* :mod:`netlite.solver_update`: the shared update (``apply_update``:
+* :mod:`netlite.solvers.params`: reading, upgrading and checking the
+  ``SolverParameter``;
+* :mod:`netlite.solvers.nets`: building the train and test nets;
+* :mod:`netlite.solvers.update`: the shared update (``apply_update``:
   clipping, normalisation, weight decay) and the history blobs;
-* :mod:`netlite.lr_policy`: the learning-rate policies;
-* :mod:`netlite.snapshot`: the ``.caffemodel``/``.solverstate`` files;
-* :mod:`netlite.solver_registry`: :func:`register_solver`,
+* :mod:`netlite.solvers.lr_policy`: the learning-rate policies;
+* :mod:`netlite.solvers.snapshot`: the ``.caffemodel``/``.solverstate``
+  files;
+* :mod:`netlite.solvers.registry`: :func:`register_solver` and
   :func:`get_solver`, which picks the class from the ``type`` field;
-* :mod:`netlite.sgd_solvers`: the update rule of each solver type.
+* :mod:`netlite.solvers.sgd`: the update rule of each solver type.
 
-Their public names stay importable from here.  See docs/engine/solvers.md
-for the formulas and what the snapshot files hold.
+See docs/engine/solvers.md for the formulas and what the snapshot files
+hold.
 
 The pycaffe-shaped API::
 
@@ -47,44 +50,17 @@ import time
 import numpy as np
 
 from netlite import backend, io, rng
-from netlite.lr_policy import learning_rate
 from netlite.proto import netlite_pb2
-from netlite.snapshot import (
-    SolverStateError,
-    _decode,  # noqa: F401  (re-exported for the tests)
-    _encode,  # noqa: F401
+from netlite.solvers.nets import build_test_nets, build_train_net
+from netlite.solvers.params import check_solver_param, read_solver
+from netlite.solvers.snapshot import (
     capture_state,
     load_netlite_state,
     read_solver_state,
     resolve_learned_net,
     write_snapshot,
 )
-from netlite.solver_param import (
-    LR_POLICIES,
-    SolverParameterError,
-    build_test_nets,
-    build_train_net,
-    check_lr_policy,
-    check_solver_param,
-    read_solver,
-    upgrade_snapshot_prefix,
-    upgrade_solver_type,
-)
-from netlite.solver_registry import (
-    get_solver,
-    register_solver,
-    solver_class,
-    solver_types,
-)
-from netlite.solver_update import SolverUpdate, sigint_deferred
-
-# What netlite.solver offered before its parts moved into their own modules.
-__all__ = [
-    "LR_POLICIES", "Solver", "SolverParameterError", "SolverStateError",
-    "check_lr_policy", "get_solver", "learning_rate", "read_solver",
-    "register_solver", "solver_class", "solver_types", "upgrade_snapshot_prefix",
-    "upgrade_solver_type",
-]
+from netlite.solvers.update import SolverUpdate, sigint_deferred
 
 logger = logging.getLogger("netlite")
 
@@ -92,9 +68,9 @@ logger = logging.getLogger("netlite")
 # ----------------------------------------------------------------- Solver
 class Solver(SolverUpdate):
     """Base class: Caffe's ``Solver`` plus the shared part of ``SGDSolver``
-    (inherited from :class:`netlite.solver_update.SolverUpdate`).
+    (inherited from :class:`netlite.solvers.update.SolverUpdate`).
 
-    Subclasses (:mod:`netlite.sgd_solvers`) set :attr:`num_history_sets`,
+    Subclasses (:mod:`netlite.solvers.sgd`) set :attr:`num_history_sets`,
     implement :meth:`compute_update_value` and may override
     :meth:`check_param`.
 
@@ -125,7 +101,8 @@ class Solver(SolverUpdate):
         Adam: ``history[P + i]`` is the second one of parameter ``i``).
     """
 
-    #: The registered ``type`` string (set by :func:`register_solver`).
+    #: The registered ``type`` string (set by
+    #: :func:`netlite.solvers.registry.register_solver`).
     type = None
 
     def __init__(self, solver, dtype=np.float32, solver_file=None):

@@ -1,4 +1,4 @@
-"""netlite.convert_mnist: IDX -> LMDB of Caffe Datum records."""
+"""netlite.data.convert_mnist: IDX -> LMDB of Caffe Datum records."""
 
 import dataclasses
 import gzip
@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netlite import datasets
-from netlite.convert_mnist import convert_mnist, main
-from netlite.datasets import IDXFormatError, save_idx
+from netlite.data import catalog, download
+from netlite.data.convert_mnist import convert_mnist, main
+from netlite.data.idx import IDXFormatError, save_idx
+from netlite.data.mnist import load_mnist
 from netlite.proto import netlite_pb2
 
 lmdb = pytest.importorskip("lmdb")
@@ -24,7 +25,7 @@ def no_network(monkeypatch):
     def offline(url, timeout=None):
         raise urllib.error.URLError("network disabled in the tests")
 
-    monkeypatch.setattr(datasets, "_urlopen", offline)
+    monkeypatch.setattr(download, "_urlopen", offline)
 
 
 def _idx_pair(tmp_path, n=7, rows=4, cols=3, seed=0, compress=True):
@@ -156,8 +157,8 @@ def test_main_with_named_dataset(tmp_path, monkeypatch, capsys):
         save_idx(directory / f"{stem}.gz", gen.integers(0, 10, shape).astype(np.uint8))
         files[stem] = (directory / f"{stem}.gz").read_bytes()
     md5 = {s: hashlib.md5(gzip.decompress(b)).hexdigest() for s, b in files.items()}
-    monkeypatch.setitem(datasets.DATASETS, "mnist", dataclasses.replace(
-        datasets.DATASETS["mnist"], content_md5=md5))
+    monkeypatch.setitem(catalog.DATASETS, "mnist", dataclasses.replace(
+        catalog.DATASETS["mnist"], content_md5=md5))
     rc = main(["--source", "mnist:test", "--data", str(tmp_path / "data"),
                str(tmp_path / "db")])
     assert rc == 0, capsys.readouterr().err
@@ -174,7 +175,7 @@ def test_real_mnist_test_set(tmp_path):
                       mnist / "t10k-labels-idx1-ubyte.gz", tmp_path / "mnist_test_lmdb")
     assert n == 10000
     records = _read_db(tmp_path / "mnist_test_lmdb")
-    images, labels = datasets.load_mnist("mnist", "test", data_dir=mnist)
+    images, labels = load_mnist("mnist", "test", data_dir=mnist)
     assert len(records) == 10000
     for i in (0, 1, 9999):
         assert records[i][1] == _caffe_record(images[i], int(labels[i]))

@@ -1,10 +1,10 @@
 """The update every solver type shares: Caffe's ``SGDSolver::ApplyUpdate``.
 
-:class:`SolverUpdate` is the half of :class:`netlite.solver.Solver` that
-turns the accumulated gradients into a parameter step, in Caffe's order:
-the learning rate from the policy (:mod:`netlite.lr_policy`), global
-gradient clipping, ``iter_size`` normalisation, L2/L1 weight decay, the
-solver type's ``compute_update_value`` (:mod:`netlite.sgd_solvers`),
+:class:`SolverUpdate` is the half of :class:`netlite.solvers.solver.Solver`
+that turns the accumulated gradients into a parameter step, in Caffe's
+order: the learning rate from the policy (:mod:`netlite.solvers.lr_policy`),
+global gradient clipping, ``iter_size`` normalisation, L2/L1 weight decay,
+the solver type's ``compute_update_value`` (:mod:`netlite.solvers.sgd`),
 ``W -= diff`` and ``iter += 1``.  It also owns the history blobs the
 update rules keep and their work buffers.  :func:`sigint_deferred` keeps
 Ctrl-C from landing in the middle of an update.  See docs/engine/solvers.md
@@ -18,7 +18,7 @@ import signal
 import threading
 
 from netlite.blob import Blob
-from netlite.lr_policy import learning_rate
+from netlite.solvers.lr_policy import learning_rate
 
 logger = logging.getLogger("netlite")
 
@@ -53,7 +53,8 @@ def sigint_deferred():
 
 
 class SolverUpdate:
-    """Mixin of :class:`netlite.solver.Solver`: the update and its history.
+    """Mixin of :class:`netlite.solvers.solver.Solver`: the update and its
+    history.
 
     Uses the solver's ``param``, ``net``, ``dtype``, ``iter`` and
     ``current_step``; subclasses set :attr:`num_history_sets` and
