@@ -3,61 +3,10 @@
 See docs/layers/accuracy.md.
 """
 
-import numpy as np
-
-from netlite.errors import LabelError, LayerSetupError, NonFiniteError, ShapeError
+from netlite.errors import LayerSetupError, NonFiniteError, ShapeError
 from netlite.layer import Layer
+from netlite.layers._labels import label_codes
 from netlite.registry import register_layer
-
-
-def check_labels(layer, label_blob, num_classes, ignore_label=None):
-    """Validate class labels stored as floats; return them as int64.
-
-    Every label must be a finite integer value; those not equal to
-    ``ignore_label`` must lie in ``[0, num_classes)``.  (Caffe truncates the
-    float and reads out of bounds instead.)
-
-    Parameters
-    ----------
-    layer : Layer
-        For error messages.
-    label_blob : Blob
-        ``bottom[1]``.
-    num_classes : int
-    ignore_label : int or None
-
-    Returns
-    -------
-    labels : int64 array, shape ``(label_blob.count,)``
-
-    Raises
-    ------
-    LabelError
-        Naming the layer, the first offending position and its value.
-    """
-    xp = label_blob.xp
-    labels = label_blob.flat_data
-    not_int = ~xp.isfinite(labels) | (labels != xp.floor(labels))
-    outside = (labels < 0) | (labels >= num_classes)
-    if ignore_label is not None:
-        outside &= labels != ignore_label
-    bad = not_int | outside
-    if bool(bad.any()):
-        pos = int(xp.flatnonzero(bad)[0])
-        index = tuple(int(i) for i in np.unravel_index(pos, label_blob.shape or (1,)))
-        value = float(labels[pos])
-        why = (
-            "is not an integer class index" if bool(not_int[pos])
-            else f"is outside [0, {num_classes})"
-        )
-        ignored = (
-            "" if ignore_label is None else f" and is not ignore_label {ignore_label}"
-        )
-        raise LabelError(
-            f"{layer.describe()}: label {value!r} at position {pos} (index {index}) of "
-            f"bottom[1] (shape {label_blob.shape}) {why}{ignored}"
-        )
-    return labels.astype(xp.int64)
 
 
 @register_layer("Accuracy")
@@ -109,12 +58,8 @@ class AccuracyLayer(Layer):
         self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
 
     def reshape(self, bottom, top):
-        try:
-            self.axis = bottom[0].canonical_axis_index(
-                self.layer_param.accuracy_param.axis
-            )
-        except IndexError as exc:
-            raise LayerSetupError(f"{self.describe()}: axis: {exc}") from None
+        self.axis = self.canonical_axis(bottom[0],
+                                        self.layer_param.accuracy_param.axis)
         self.outer = bottom[0].count_range(0, self.axis)
         self.num_classes = bottom[0].shape[self.axis]
         self.inner = bottom[0].count_range(self.axis + 1)
@@ -146,13 +91,10 @@ class AccuracyLayer(Layer):
                 f"{self.describe()}: bottom[0] (scores, shape {bottom[0].shape}) "
                 "contains NaN"
             )
-        labels = check_labels(self, bottom[1], self.num_classes, self.ignore_label)
-        labels = labels.reshape(self.outer, 1, self.inner)
-        if self.ignore_label is None:
-            valid = xp.ones(labels.shape, dtype=bool)
-        else:
-            valid = labels != self.ignore_label
-        # Ignored labels may be any integer; gather at class 0 and mask.
+        labels = label_codes(self, bottom[1], self.num_classes, self.ignore_label,
+                             self.axis).reshape(self.outer, 1, self.inner)
+        valid = labels >= 0
+        # Ignored positions are coded -1; gather at class 0 and mask.
         true_score = xp.take_along_axis(x, xp.where(valid, labels, 0), axis=1)
         rank = (x >= true_score).sum(axis=1, keepdims=True)
         correct = valid & (rank <= self.top_k)

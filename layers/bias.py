@@ -29,10 +29,7 @@ def learned_param_shape(layer, bottom, axis, num_axes, what):
     LayerSetupError
         When ``num_axes < -1`` or the parameter would extend past bottom[0].
     """
-    try:
-        axis = bottom.canonical_axis_index(axis)
-    except IndexError as exc:
-        raise LayerSetupError(f"{layer.describe()}: {what} axis: {exc}") from None
+    axis = layer.canonical_axis(bottom, axis, f"{what} axis")
     if num_axes < -1:
         raise LayerSetupError(
             f"{layer.describe()}: num_axes must be non-negative, or -1 to extend "
@@ -62,10 +59,7 @@ def broadcast_dims(layer, bottom, operand, axis, what):
     if operand.num_axes == 0:
         axis = 0
     else:
-        try:
-            axis = bottom.canonical_axis_index(axis)
-        except IndexError as exc:
-            raise LayerSetupError(f"{layer.describe()}: {what} axis: {exc}") from None
+        axis = layer.canonical_axis(bottom, axis, f"{what} axis")
     span = bottom.shape[axis:axis + operand.num_axes]
     if tuple(span) != tuple(operand.shape):
         raise ShapeError(

@@ -6,48 +6,9 @@ See docs/layers/convolution.md.
 import numpy as np
 
 from netlite.errors import LayerSetupError, ShapeError
-from netlite.layer import Layer
+from netlite.layer import Layer, cached_reshape
+from netlite.layers._im2col import col2im, im2col, window_table
 from netlite.registry import register_layer
-
-
-def window_table(in_shape, kernel, stride, pad, dilation, out_shape):
-    """Where every kernel tap of every output position reads its input.
-
-    Parameters
-    ----------
-    in_shape, kernel, stride, pad, dilation, out_shape : tuple of int
-        One entry per spatial axis (all of the same length ``d >= 0``).
-
-    Returns
-    -------
-    index : ndarray of int64, shape (prod(kernel), prod(out_shape))
-        ``index[k, p]`` is the flat (row-major) position inside one input
-        plane read by kernel tap ``k`` at output position ``p``; both are
-        raster-order indices.  Taps that fall into the padding read 0.
-    valid : ndarray of bool, same shape
-        False where the tap falls into the zero padding.
-
-    Notes
-    -----
-    Along axis ``i`` the tap ``k_i`` of output ``o_i`` reads input
-    ``o_i * stride_i - pad_i + k_i * dilation_i``, which is valid when it
-    lies in ``[0, in_shape_i)``.
-    """
-    d = len(in_shape)
-    index = np.zeros((1,) * (2 * d), dtype=np.int64)
-    valid = np.ones((1,) * (2 * d), dtype=bool)
-    for i in range(d):
-        taps = np.arange(kernel[i])[:, None]
-        outs = np.arange(out_shape[i])[None, :]
-        pos = outs * stride[i] - pad[i] + taps * dilation[i]
-        shape = [1] * (2 * d)
-        shape[i], shape[d + i] = kernel[i], out_shape[i]
-        pos = pos.reshape(shape)
-        valid = valid & (pos >= 0) & (pos < in_shape[i])
-        index = index * in_shape[i] + pos
-    index = np.where(valid, index, 0)
-    taps, outs = int(np.prod(kernel)), int(np.prod(out_shape))
-    return index.reshape(taps, outs), valid.reshape(taps, outs)
 
 
 @register_layer("Convolution")
@@ -92,12 +53,8 @@ class ConvolutionLayer(Layer):
     # ------------------------------------------------------------ set-up
     def layer_setup(self, bottom, top):
         p = self.layer_param.convolution_param
-        try:
-            self.channel_axis = bottom[0].canonical_axis_index(p.axis)
-        except IndexError as exc:
-            raise LayerSetupError(
-                f"{self.describe()}: convolution_param.axis: {exc}"
-            ) from None
+        self.channel_axis = self.canonical_axis(bottom[0], p.axis,
+                                                "convolution_param.axis")
         self.num_spatial_axes = bottom[0].num_axes - self.channel_axis - 1
         self.kernel_shape = self._spatial_param("kernel_size", "kernel_h",
                                                 "kernel_w", None)
@@ -131,20 +88,18 @@ class ConvolutionLayer(Layer):
                 f"multiple of group={self.group}"
             )
         self.bias_term = bool(p.bias_term)
-        weight_shape = (self.num_output, self.channels // self.group,
-                        *self.kernel_shape)
-        if self.blobs:
-            self._check_given_blobs(weight_shape)
-        else:
-            self.blobs = [self.make_blob(weight_shape)]
-            self.fill_blob(self.blobs[0], p.weight_filler)
-            if self.bias_term:
-                self.blobs.append(self.make_blob((self.num_output,)))
-                self.fill_blob(self.blobs[1], p.bias_filler)
         self.force_nd_im2col = bool(p.force_nd_im2col)
-        self._bottom_shape = None
-        self._scratch = {}
-        self._col_cached = []
+        shapes = [(self.num_output, self.channels // self.group, *self.kernel_shape)]
+        if self.bias_term:
+            shapes.append((self.num_output,))
+        if self.blobs:
+            self.check_param_blobs(shapes, ["weight", "bias"][:len(shapes)],
+                                   f" (bias_term={self.bias_term})")
+            return
+        self.blobs = [self.make_blob(shape) for shape in shapes]
+        self.fill_blob(self.blobs[0], p.weight_filler)
+        if self.bias_term:
+            self.fill_blob(self.blobs[1], p.bias_filler)
 
     def _spatial_param(self, name, h_name, w_name, default):
         """Read a repeated spatial field (or its ``_h``/``_w`` pair)."""
@@ -181,44 +136,23 @@ class ConvolutionLayer(Layer):
             )
         return tuple(values) if len(values) == n else (values[0],) * n
 
-    def _check_given_blobs(self, weight_shape):
-        expected = 1 + self.bias_term
-        if len(self.blobs) != expected:
-            raise LayerSetupError(
-                f"{self.describe()}: expected {expected} parameter blob(s) "
-                f"(bias_term={self.bias_term}), got {len(self.blobs)}"
-            )
-        if self.blobs[0].shape != weight_shape:
-            raise ShapeError(
-                f"{self.describe()}: incorrect weight shape: expected "
-                f"{weight_shape}, got {self.blobs[0].shape}"
-            )
-        if self.bias_term and self.blobs[1].shape != (self.num_output,):
-            raise ShapeError(
-                f"{self.describe()}: incorrect bias shape: expected "
-                f"{(self.num_output,)}, got {self.blobs[1].shape}"
-            )
-
+    @cached_reshape
     def reshape(self, bottom, top):
         x = bottom[0]
-        if x.shape != self._bottom_shape:
-            self._set_geometry(x)
-        for i, b in enumerate(bottom[1:], start=1):
-            if b.shape != x.shape:
+        self._set_geometry(x)
+        for i, other in enumerate(bottom[1:], start=1):
+            if other.shape != x.shape:
                 raise ShapeError(
                     f"{self.describe()}: every bottom must have the shape of "
-                    f"bottom[0] {x.shape}; bottom[{i}] is {b.shape}"
+                    f"bottom[0] {x.shape}; bottom[{i}] is {other.shape}"
                 )
         for t in top:
-            if t.shape != self._top_shape:
-                t.reshape(self._top_shape)
-        # The numba engine's im2col buffers are only reusable in backward
-        # when its own forward filled them for these bottoms.
-        self._col_cached = [False] * len(bottom)
+            t.reshape(x.shape[:self.channel_axis] + (self.num_output,)
+                      + self.out_shape)
 
     def _set_geometry(self, x):
         """Check bottom[0]'s shape; derive the output shape and the window
-        table (cached until the bottom shape changes)."""
+        table (``window_table``: where every tap reads)."""
         what = self.describe()
         axis = self.channel_axis
         if x.num_axes != axis + 1 + self.num_spatial_axes:
@@ -231,9 +165,9 @@ class ConvolutionLayer(Layer):
                 f"{what}: bottom[0] {x.shape} has {x.shape[axis]} channels on "
                 f"axis {axis}; the weights expect {self.channels}"
             )
-        in_shape = x.shape[axis + 1:]
+        self.in_shape = x.shape[axis + 1:]
         out_shape = []
-        for i, size in enumerate(in_shape):
+        for i, size in enumerate(self.in_shape):
             extent = self.dilation[i] * (self.kernel_shape[i] - 1) + 1
             out = (size + 2 * self.pad[i] - extent) // self.stride[i] + 1
             if out <= 0:
@@ -243,185 +177,65 @@ class ConvolutionLayer(Layer):
                     f"kernel extent {extent}"
                 )
             out_shape.append(out)
-        self.in_shape = tuple(in_shape)
         self.out_shape = tuple(out_shape)
         self.num = x.count_range(0, axis)
-        self._plane = int(np.prod(self.in_shape, dtype=np.int64))
-        self._top_shape = x.shape[:axis] + (self.num_output,) + self.out_shape
+        self.plane = int(np.prod(self.in_shape, dtype=np.int64))
         index, valid = window_table(self.in_shape, self.kernel_shape, self.stride,
                                     self.pad, self.dilation, self.out_shape)
-        self._win_index = self.xp.asarray(index)
-        self._win_outside = self.xp.asarray(~valid)
-        self._win_any_outside = bool((~valid).any())
-        self._bottom_shape = x.shape
+        self.win_index = self.xp.asarray(index)
+        self.win_outside = self.xp.asarray(~valid) if not valid.all() else None
 
     # ---------------------------------------------------------- reference
-    def _im2col(self, x):
-        """``(*batch, C, *in)`` -> columns ``(num, G, C/G * prod(k), P)``."""
-        col = x.reshape(self.num, self.channels, self._plane)[:, :, self._win_index]
-        if self._win_any_outside:
-            col[:, :, self._win_outside] = 0
+    def im2col(self, x):
+        """``x`` ``(*batch, C, *in)`` -> ``col`` ``(N, G, K_g, P)``."""
+        planes = x.reshape(self.num, self.channels, self.plane)
+        col = im2col(planes, self.win_index, self.win_outside)
         return col.reshape(self.num, self.group, -1, col.shape[-1])
 
-    def _col2im(self, dcol, shape):
-        """Adjoint of :meth:`_im2col`: add every column entry back onto the
-        input element it was read from (bincount sums the overlaps)."""
-        xp = self.xp
-        plane, planes = self._plane, self.num * self.channels
-        dcol = dcol.reshape(planes, *self._win_index.shape)
-        if self._win_any_outside:
-            dcol = xp.where(self._win_outside, dcol.dtype.type(0), dcol)
-        offsets = xp.arange(planes, dtype=np.int64)[:, None, None] * plane
-        target = offsets + self._win_index
-        dx = xp.bincount(target.ravel(), weights=dcol.ravel(),
-                         minlength=planes * plane)
-        return dx.reshape(shape)
-
-    def _weights_by_group(self):
-        g = self.group
-        return self.blobs[0].data.reshape(g, self.num_output // g, -1)
+    def col2im(self, dcol, shape):
+        """Adjoint of :meth:`im2col`: ``dcol`` ``(N, G, K_g, P)`` -> ``dx``."""
+        planes = self.num * self.channels
+        dcol = dcol.reshape(planes, *self.win_index.shape)
+        keep = None if self.win_outside is None else ~self.win_outside
+        return col2im(self.xp, dcol, self.win_index, planes, self.plane,
+                      keep).reshape(shape)
 
     def forward_cpu(self, bottom, top):
-        xp = self.xp
-        w = self._weights_by_group()                    # (G, O/G, Kg)
-        for b, t in zip(bottom, top):
-            col = self._im2col(b.data)                  # (num, G, Kg, P)
-            y = xp.matmul(w, col)                       # (num, G, O/G, P)
-            y = y.reshape(self.num, self.num_output, -1)
+        G = self.group
+        W = self.blobs[0].data.reshape(G, self.num_output // G, -1)  # W_g
+        for x, y in zip(bottom, top):
+            col = self.im2col(x.data)                       # (N, G, K_g, P)
+            out = self.xp.matmul(W, col).reshape(self.num, self.num_output, -1)
             if self.bias_term:
-                y += self.blobs[1].data[:, None]
-            t.data[...] = y.reshape(t.shape)
+                out += self.blobs[1].data[:, None]          # + b
+            y.data[...] = out.reshape(y.shape)
 
     def backward_cpu(self, top, propagate_down, bottom):
         xp = self.xp
-        g, og = self.group, self.num_output // self.group
-        w = self._weights_by_group()
-        want_w = self.propagates_param(0)
+        G, og = self.group, self.num_output // self.group  # G, O/G
+        W = self.blobs[0].data.reshape(G, og, -1)
+        want_W = self.propagates_param(0)
         want_b = self.bias_term and self.propagates_param(1)
-        for i, (b, t) in enumerate(zip(bottom, top)):
-            dy = t.diff.reshape(self.num, g, og, -1)   # (num, G, O/G, P)
+        for i, (x, y) in enumerate(zip(bottom, top)):
+            dy = y.diff.reshape(self.num, G, og, -1)        # (N, G, O/G, P)
             if want_b:
                 self.blobs[1].diff += dy.sum(axis=(0, 3)).reshape(-1)
-            if want_w:
-                col = self._im2col(b.data)
+            if want_W:
+                col = self.im2col(x.data)
                 # One GEMM per group over the whole batch: bring the batch
                 # axis next to the spatial one, then contract over both.
-                dy_g = dy.transpose(1, 2, 0, 3).reshape(g, og, -1)
-                col_g = col.transpose(1, 0, 3, 2).reshape(g, -1, col.shape[2])
+                dy_g = dy.transpose(1, 2, 0, 3).reshape(G, og, -1)
+                col_g = col.transpose(1, 0, 3, 2).reshape(G, -1, col.shape[2])
                 self.blobs[0].diff += xp.matmul(dy_g, col_g).reshape(
                     self.blobs[0].shape
                 )
             if propagate_down[i]:
-                dcol = xp.matmul(w.transpose(0, 2, 1), dy)  # (num, G, Kg, P)
-                b.diff[...] = self._col2im(dcol, b.shape)
+                dcol = xp.matmul(W.transpose(0, 2, 1), dy)  # (N, G, K_g, P)
+                x.diff[...] = self.col2im(dcol, x.shape)
 
-    # -------------------------------------------------------------- numba
-    def _numba_geometry(self):
-        """The 2-D view the numba kernels work on, or None to fall back.
-
-        0-D and 1-D convolutions are 2-D ones with unit leading axes; 3-D
-        and higher (or ``force_nd_im2col``) use the N-D reference.
-        """
-        n = self.num_spatial_axes
-        if n > 2 or self.force_nd_im2col:
-            return None
-
-        def as_2d(values, one):
-            return (one,) * (2 - n) + tuple(values)
-
-        return (as_2d(self.in_shape, 1), as_2d(self.kernel_shape, 1),
-                as_2d(self.stride, 1), as_2d(self.pad, 0),
-                as_2d(self.dilation, 1), as_2d(self.out_shape, 1))
-
-    def _buffer(self, name, shape):
-        """A grow-only scratch array, so steady-state passes allocate nothing."""
-        size = int(np.prod(shape, dtype=np.int64))
-        buf = self._scratch.get(name)
-        if buf is None or buf.size < size or buf.dtype != self.dtype:
-            buf = np.empty(max(size, 1), dtype=self.dtype)
-            self._scratch[name] = buf
-        return buf[:size].reshape(shape)
-
-    def _group_rows(self):
-        """Per group, its rows of the weight matrix ``(O, kg)`` and of the
-        column matrix ``(C * prod(k), N * P)``; ``kg = C/G * prod(k)``."""
-        og = self.num_output // self.group
-        kg = self.blobs[0].count // self.num_output
-        return [(slice(g * og, (g + 1) * og), slice(g * kg, (g + 1) * kg))
-                for g in range(self.group)]
-
+    # ------------------------------------------------------------ engines
     def forward_numba(self, bottom, top):
-        geo = self._numba_geometry()
-        if geo is None:
-            self.forward_cpu(bottom, top)
-            return
-        from netlite.layers import convolution_numba as kern
-
-        (h, w), k, s, p, d, (oh, ow) = geo
-        n, c, o = self.num, self.channels, self.num_output
-        wmat = self.blobs[0].data.reshape(o, -1)
-        if self.bias_term:
-            bias = self.blobs[1].data
-        else:
-            bias = self._buffer("zero_bias", (o,))
-            bias[...] = 0
-        ybuf = self._buffer("y", (o, n * oh * ow))
-        for i, (b, t) in enumerate(zip(bottom, top)):
-            col = self._buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
-            kern.conv_im2col(b.data.reshape(n, c, h, w), col, *k, *s, *p, *d,
-                             oh, ow)
-            self._col_cached[i] = True
-            for o_rows, k_rows in self._group_rows():
-                np.matmul(wmat[o_rows], col[k_rows], out=ybuf[o_rows])
-            kern.conv_fwd_output(ybuf, bias, t.data.reshape(n, o, oh * ow))
+        self.adapter("numba").forward(bottom, top)
 
     def backward_numba(self, top, propagate_down, bottom):
-        geo = self._numba_geometry()
-        if geo is None:
-            self.backward_cpu(top, propagate_down, bottom)
-            return
-        from netlite.layers import convolution_numba as kern
-
-        (h, w), k, s, p, d, (oh, ow) = geo
-        n, c, o = self.num, self.channels, self.num_output
-        wmat = self.blobs[0].data.reshape(o, -1)
-        want_w = self.propagates_param(0)
-        want_b = self.bias_term and self.propagates_param(1)
-        groups = self._group_rows()
-        for i, (b, t) in enumerate(zip(bottom, top)):
-            if not (want_w or want_b or propagate_down[i]):
-                continue
-            dy3 = t.diff.reshape(n, o, oh * ow)
-            if propagate_down[i]:
-                dybuf = self._buffer("dy", (o, n * oh * ow))
-                kern.conv_bwd_top_diff(dy3, dybuf)
-            if want_b:
-                db = self._buffer("db", (o,))
-                # Sum the (O, N*P) copy's contiguous rows when there is one.
-                np.sum(dybuf if propagate_down[i] else dy3,
-                       axis=1 if propagate_down[i] else (0, 2), out=db)
-                self.blobs[1].diff += db
-            if want_w:
-                col = self._buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
-                if not self._col_cached[i]:
-                    # The last forward did not fill it (other engine, or a
-                    # reshape since): rebuild without marking it cached.
-                    kern.conv_im2col(b.data.reshape(n, c, h, w), col, *k, *s, *p,
-                                     *d, oh, ow)
-                dyt = self._buffer("dyt", (n * oh * ow, o))
-                kern.conv_bwd_top_diff_t(dy3, dyt)
-                # dW^T = col @ dy^T per group, (kg, N*P) @ (N*P, og): two
-                # row-major operands, faster in BLAS than dy @ col.T.
-                dwt = self._buffer("dwt", (wmat.shape[1], o))
-                for o_rows, k_rows in groups:
-                    np.matmul(col[k_rows], dyt[:, o_rows], out=dwt[:, o_rows])
-                self.blobs[0].diff.reshape(wmat.shape)[...] += dwt.T
-            if propagate_down[i]:
-                # The columns are spent: their gradient reuses the buffer,
-                # which keeps the working set (and cache misses) smaller.
-                dcol = self._buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
-                self._col_cached[i] = False
-                for o_rows, k_rows in groups:
-                    np.matmul(wmat[o_rows].T, dybuf[o_rows], out=dcol[k_rows])
-                kern.conv_col2im(dcol, b.diff.reshape(n, c, h, w), *k, *s, *p, *d,
-                                 oh, ow)
+        self.adapter("numba").backward(top, propagate_down, bottom)

@@ -1,6 +1,7 @@
-"""Numba kernels for the Convolution layer's CPU engine (2-D geometry).
+"""Numba engine for Convolution (2-D geometry): kernels and the adapter
+:class:`ConvolutionNumba`.
 
-The layer keeps the im2col matrix batch-wide, ``col`` of shape
+The adapter keeps the im2col matrix batch-wide, ``col`` of shape
 ``(C * kh * kw, N * OH * OW)``: row ``(c * kh + i) * kw + j`` (Caffe's
 order, matching the weight layout), column ``n * OH * OW + oh * OW + ow``.
 One GEMM per group then covers the whole batch (done by NumPy's BLAS);
@@ -27,6 +28,8 @@ loops (a 3-7x slowdown measured on im2col).
 
 import numba
 import numpy as np
+
+from netlite.layer import EngineAdapter
 
 
 @numba.njit(cache=False, inline="always")
@@ -197,3 +200,127 @@ def conv_bwd_top_diff_t(dy, dyt):
             src = n * n_out * plane + q
             for o in range(n_out):
                 tf[_u(dst + o)] = df[_u(src + o * plane)]
+
+
+# --------------------------------------------------------------- adapter
+class ConvolutionNumba(EngineAdapter):
+    """Convolution on the Numba engine (0-, 1- and 2-D; 3-D and more, or
+    ``force_nd_im2col``, run the N-D reference).
+
+    Owns grow-only scratch buffers (so steady-state passes allocate
+    nothing) and, per bottom, whether its ``col`` buffer still holds the
+    columns of the last forward: the backward reuses them for the weight
+    gradient, then overwrites them with the columns' gradient.
+    """
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.scratch = {}
+        self.col_valid = []
+
+    def geometry(self):
+        """The 2-D view the kernels work on, or None for the reference.
+
+        0-D and 1-D convolutions are 2-D ones with unit leading axes.
+        """
+        layer = self.layer
+        n = layer.num_spatial_axes
+        if n > 2 or layer.force_nd_im2col:
+            return None
+
+        def as_2d(values, one):
+            return (one,) * (2 - n) + tuple(values)
+
+        return (as_2d(layer.in_shape, 1), as_2d(layer.kernel_shape, 1),
+                as_2d(layer.stride, 1), as_2d(layer.pad, 0),
+                as_2d(layer.dilation, 1), as_2d(layer.out_shape, 1))
+
+    def buffer(self, name, shape):
+        """A grow-only scratch array of the layer's dtype."""
+        size = int(np.prod(shape, dtype=np.int64))
+        buf = self.scratch.get(name)
+        if buf is None or buf.size < size or buf.dtype != self.layer.dtype:
+            buf = np.empty(max(size, 1), dtype=self.layer.dtype)
+            self.scratch[name] = buf
+        return buf[:size].reshape(shape)
+
+    def group_rows(self):
+        """Per group, its rows of the weight matrix ``(O, kg)`` and of the
+        column matrix ``(C * prod(k), N * P)``; ``kg = C/G * prod(k)``."""
+        layer = self.layer
+        og = layer.num_output // layer.group
+        kg = layer.blobs[0].count // layer.num_output
+        return [(slice(g * og, (g + 1) * og), slice(g * kg, (g + 1) * kg))
+                for g in range(layer.group)]
+
+    def forward(self, bottom, top):
+        layer, geo = self.layer, self.geometry()
+        if geo is None:
+            layer.forward_cpu(bottom, top)
+            return
+        (h, w), k, s, p, d, (oh, ow) = geo
+        n, c, o = layer.num, layer.channels, layer.num_output
+        wmat = layer.blobs[0].data.reshape(o, -1)
+        if layer.bias_term:
+            bias = layer.blobs[1].data
+        else:
+            bias = self.buffer("zero_bias", (o,))
+            bias[...] = 0
+        ybuf = self.buffer("y", (o, n * oh * ow))
+        self.col_valid = [False] * len(bottom)
+        for i, (x, y) in enumerate(zip(bottom, top)):
+            col = self.buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
+            conv_im2col(x.data.reshape(n, c, h, w), col, *k, *s, *p, *d, oh, ow)
+            self.col_valid[i] = True
+            for o_rows, k_rows in self.group_rows():
+                np.matmul(wmat[o_rows], col[k_rows], out=ybuf[o_rows])
+            conv_fwd_output(ybuf, bias, y.data.reshape(n, o, oh * ow))
+
+    def backward(self, top, propagate_down, bottom):
+        layer, geo = self.layer, self.geometry()
+        if geo is None:
+            layer.backward_cpu(top, propagate_down, bottom)
+            return
+        (h, w), k, s, p, d, (oh, ow) = geo
+        n, c, o = layer.num, layer.channels, layer.num_output
+        wmat = layer.blobs[0].data.reshape(o, -1)
+        want_w = layer.propagates_param(0)
+        want_b = layer.bias_term and layer.propagates_param(1)
+        groups = self.group_rows()
+        for i, (x, y) in enumerate(zip(bottom, top)):
+            if not (want_w or want_b or propagate_down[i]):
+                continue
+            dy3 = y.diff.reshape(n, o, oh * ow)
+            if propagate_down[i]:
+                dybuf = self.buffer("dy", (o, n * oh * ow))
+                conv_bwd_top_diff(dy3, dybuf)
+            if want_b:
+                db = self.buffer("db", (o,))
+                # Sum the (O, N*P) copy's contiguous rows when there is one.
+                np.sum(dybuf if propagate_down[i] else dy3,
+                       axis=1 if propagate_down[i] else (0, 2), out=db)
+                layer.blobs[1].diff += db
+            if want_w:
+                col = self.buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
+                if i >= len(self.col_valid) or not self.col_valid[i]:
+                    # An earlier backward of this forward spent them.
+                    conv_im2col(x.data.reshape(n, c, h, w), col, *k, *s, *p, *d,
+                                oh, ow)
+                dyt = self.buffer("dyt", (n * oh * ow, o))
+                conv_bwd_top_diff_t(dy3, dyt)
+                # dW^T = col @ dy^T per group, (kg, N*P) @ (N*P, og): two
+                # row-major operands, faster in BLAS than dy @ col.T.
+                dwt = self.buffer("dwt", (wmat.shape[1], o))
+                for o_rows, k_rows in groups:
+                    np.matmul(col[k_rows], dyt[:, o_rows], out=dwt[:, o_rows])
+                layer.blobs[0].diff.reshape(wmat.shape)[...] += dwt.T
+            if propagate_down[i]:
+                # The columns are spent: their gradient reuses the buffer,
+                # which keeps the working set (and cache misses) smaller.
+                dcol = self.buffer(f"col{i}", (c * k[0] * k[1], n * oh * ow))
+                if i < len(self.col_valid):
+                    self.col_valid[i] = False
+                for o_rows, k_rows in groups:
+                    np.matmul(wmat[o_rows].T, dybuf[o_rows], out=dcol[k_rows])
+                conv_col2im(dcol, x.diff.reshape(n, c, h, w), *k, *s, *p, *d,
+                            oh, ow)

@@ -47,14 +47,8 @@ class FlattenLayer(Layer):
                 f"{self.describe()} does not allow in-place computation"
             )
         p = self.layer_param.flatten_param
-        try:
-            start = x.canonical_axis_index(p.axis)
-            end = x.canonical_axis_index(p.end_axis)
-        except IndexError as exc:
-            raise LayerSetupError(
-                f"{self.describe()}: flatten_param axis {p.axis} / end_axis "
-                f"{p.end_axis} do not fit bottom[0]: {exc}"
-            ) from None
+        start = self.canonical_axis(x, p.axis, "flatten_param.axis")
+        end = self.canonical_axis(x, p.end_axis, "flatten_param.end_axis")
         if end + 1 < start:
             # end == start - 1 is allowed, as in Caffe: it inserts an axis of 1.
             raise LayerSetupError(

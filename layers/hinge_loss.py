@@ -5,7 +5,7 @@ See docs/layers/hinge_loss.md.
 
 from netlite.errors import LayerSetupError, ShapeError
 from netlite.layer import LossLayer
-from netlite.layers.accuracy import check_labels
+from netlite.layers._labels import label_codes
 from netlite.proto import netlite_pb2
 from netlite.registry import register_layer
 
@@ -68,7 +68,7 @@ class HingeLossLayer(LossLayer):
 
     def forward_cpu(self, bottom, top):
         xp = self.xp
-        labels = check_labels(self, bottom[1], self.dim)
+        labels = label_codes(self, bottom[1], self.dim)
         x = bottom[0].data.reshape(self.num, self.dim)
         rows = xp.arange(self.num)
         # m = 1 - t x: 1 + x off the label, 1 - x on it.

@@ -8,18 +8,6 @@ from netlite.layer import Layer
 from netlite.registry import register_layer
 
 
-def _fits(stored, expected):
-    """``stored`` equals ``expected``, or is its legacy 4-D form (1, .., 1, *e)."""
-    stored, expected = tuple(stored), tuple(expected)
-    if stored == expected:
-        return True
-    pad = 4 - len(expected)
-    return (
-        len(stored) == 4 and pad >= 0
-        and all(d == 1 for d in stored[:pad]) and stored[pad:] == expected
-    )
-
-
 @register_layer("InnerProduct")
 class InnerProductLayer(Layer):
     r"""Fully connected layer.
@@ -74,29 +62,14 @@ class InnerProductLayer(Layer):
             return
         # Weights given in LayerParameter.blobs (a model file) or kept from an
         # earlier setup: they must fit this bottom, or forward would be wrong.
-        if len(self.blobs) != len(shapes):
-            raise ShapeError(
-                f"{self.describe()}: expected {len(shapes)} parameter blob(s) "
-                f"(weights{', bias' if self.bias_term else ''}), got "
-                f"{len(self.blobs)}"
-            )
-        for j, (blob, shape, what) in enumerate(zip(self.blobs, shapes,
-                                                     ("weight", "bias"))):
-            if not _fits(blob.shape, shape):
-                raise ShapeError(
-                    f"{self.describe()}: {what} blob {j} has shape {blob.shape}, "
-                    f"but bottom[0] (shape {bottom[0].shape}) with axis {axis} has "
-                    f"K = {self.K} inputs and num_output N = {self.N}, so it must "
-                    f"be {shape}"
-                )
-            blob.reshape(shape)
+        self.check_param_blobs(
+            shapes, ["weight", "bias"][:len(shapes)],
+            f" (bottom[0] (shape {bottom[0].shape}) with axis {axis} has K = "
+            f"{self.K} inputs and num_output N = {self.N})",
+        )
 
     def _axis(self, bottom):
-        axis = self.layer_param.inner_product_param.axis
-        try:
-            return bottom.canonical_axis_index(axis)
-        except IndexError as exc:
-            raise LayerSetupError(f"{self.describe()}: axis: {exc}") from None
+        return self.canonical_axis(bottom, self.layer_param.inner_product_param.axis)
 
     def reshape(self, bottom, top):
         if top[0] is bottom[0]:

@@ -6,8 +6,8 @@ See docs/layers/pooling.md.
 import numpy as np
 
 from netlite.errors import LayerSetupError, ShapeError
-from netlite.layer import Layer
-from netlite.layers.convolution import window_table
+from netlite.layer import Layer, cached_reshape
+from netlite.layers._im2col import col2im, im2col, window_table
 from netlite.proto import netlite_pb2
 from netlite.registry import register_layer
 
@@ -132,19 +132,12 @@ class PoolingLayer(Layer):
             raise LayerSetupError(
                 f"{what}: stride must be positive, got {self.stride}"
             )
-        self._bottom_shape = None
 
+    @cached_reshape
     def reshape(self, bottom, top):
-        x = bottom[0]
-        if x.shape != self._bottom_shape:
-            self._set_geometry(x)
-        for t in top:
-            if t.shape != self._top_shape:
-                t.reshape(self._top_shape)
-
-    def _set_geometry(self, x):
         """Check the bottom; derive the output shape, the window tables and
-        the argmax buffer (cached until the bottom shape changes)."""
+        the argmax buffer; shape the tops."""
+        x = bottom[0]
         if x.num_axes != 4:
             raise ShapeError(
                 f"{self.describe()}: bottom[0] must have 4 axes (num, channels, "
@@ -163,19 +156,19 @@ class PoolingLayer(Layer):
                 f"kernel {self.kernel} (pad {self.pad}, FLOOR rounding): no output"
             )
         self.out_shape = out
-        self._top_shape = (n, c) + out
         self._build_tables(h, w)
         if self.pool == MAX:
-            self._argmax = self.xp.empty(self._top_shape, dtype=np.int32)
-        self._bottom_shape = x.shape
+            # Caffe's max_idx_: where each window's maximum was read.
+            self.argmax = self.xp.empty((n, c) + out, dtype=np.int32)
+        for t in top:
+            t.reshape((n, c) + out)
 
     def _build_tables(self, h, w):
         """Window tables (see ``window_table``) and AVE divisors."""
         index, valid = window_table((h, w), self.kernel, self.stride, self.pad,
                                     (1, 1), self.out_shape)
-        self._win_index = self.xp.asarray(index)          # (kh*kw, PH*PW)
-        self._win_valid = self.xp.asarray(valid)
-        self._win_any_outside = not bool(valid.all())
+        self.win_index = self.xp.asarray(index)           # (kh*kw, PH*PW)
+        self.win_valid = self.xp.asarray(valid)
         # AVE divides by the window clipped to the padded image [-p, size+p);
         # a window past the data (stride > kernel, CEIL) gets divisor 1.
         sizes = []
@@ -184,101 +177,57 @@ class PoolingLayer(Layer):
             start = np.arange(o) * s - p
             sizes.append(np.minimum(start + k, size + p) - start)
         area = np.maximum(sizes[0][:, None] * sizes[1][None, :], 1)
-        self._pool_area = self.xp.asarray(area.astype(self.dtype))   # (PH, PW)
+        self.pool_area = self.xp.asarray(area.astype(self.dtype))    # (PH, PW)
 
     # ---------------------------------------------------------- reference
-    def _windows(self, x):
-        """``(N, C, H, W)`` -> every window's elements ``(N, C, kh*kw, P)``."""
-        n, c = x.shape[:2]
-        return x.reshape(n, c, -1)[:, :, self._win_index]
-
     def forward_cpu(self, bottom, top):
         xp = self.xp
         x = bottom[0].data
         n, c = x.shape[:2]
-        vals = self._windows(x)
+        vals = im2col(x.reshape(n, c, -1), self.win_index)   # (N, C, K, P)
         dt = vals.dtype.type
         if self.pool == AVE:
-            if self._win_any_outside:
-                vals = xp.where(self._win_valid, vals, dt(0))
-            y = vals.sum(axis=2) / self._pool_area.reshape(-1)
+            vals = xp.where(self.win_valid, vals, dt(0))
+            y = vals.sum(axis=2) / self.pool_area.reshape(-1)
             top[0].data[...] = y.reshape(top[0].shape)
             return
         # Caffe's running maximum starts at -FLT_MAX and moves only on a
         # strictly larger element: NaN, -inf and the padding never win and
         # the first maximum in raster order keeps ties.  argmax returns the
         # first maximum, so mask the losers with -inf and take it.
-        candidate = self._win_valid & (vals > dt(-FLT_MAX))
+        candidate = self.win_valid & (vals > dt(-FLT_MAX))
         vals = xp.where(candidate, vals, dt(-np.inf))
         k = vals.argmax(axis=2)                              # (N, C, P)
         best = vals.max(axis=2)
-        where = self._win_index[k, xp.arange(k.shape[-1])]
+        where = self.win_index[k, xp.arange(k.shape[-1])]
         empty = best == dt(-np.inf)
         top[0].data[...] = xp.where(empty, dt(-FLT_MAX), best).reshape(
             top[0].shape)
-        self._argmax[...] = xp.where(empty, -1, where).reshape(self._argmax.shape)
+        self.argmax[...] = xp.where(empty, -1, where).reshape(self.argmax.shape)
         if len(top) > 1:
-            top[1].data[...] = self._argmax
+            top[1].data[...] = self.argmax
 
     def backward_cpu(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        xp = self.xp
         x = bottom[0]
         n, c, h, w = x.shape
-        planes, plane = n * c, h * w
-        dy = top[0].diff.reshape(planes, -1)                 # (N*C, P)
-        offsets = xp.arange(planes, dtype=np.int64)[:, None] * plane
+        dy = top[0].diff.reshape(n * c, -1)                 # (N*C, P)
         if self.pool == MAX:
-            # dx[argmax] += dy; overlapping windows may share an argmax, so
-            # sum with bincount.  Empty windows (argmax -1) send nothing.
-            idx = self._argmax.reshape(planes, -1)
-            hit = idx >= 0
-            target = offsets + xp.where(hit, idx, 0)
-            weight = xp.where(hit, dy, dy.dtype.type(0))
+            # dx[argmax] += dy; overlapping windows may share an argmax (the
+            # scatter sums them); empty windows (argmax -1) send nothing.
+            idx = self.argmax.reshape(n * c, -1)
+            dx = col2im(self.xp, dy, idx, n * c, h * w, keep=idx >= 0)
         else:
             # Every in-image element of a window gets dy / area.
-            share = (dy / self._pool_area.reshape(-1))[:, None, :]  # (NC,1,P)
-            target = offsets[:, :, None] + self._win_index          # (NC,K,P)
-            weight = xp.where(self._win_valid, share, share.dtype.type(0))
-        dx = xp.bincount(target.ravel(), weights=weight.ravel(),
-                         minlength=planes * plane)
+            share = (dy / self.pool_area.reshape(-1))[:, None, :]   # (NC, 1, P)
+            dx = col2im(self.xp, share, self.win_index, n * c, h * w,
+                        keep=self.win_valid)
         x.diff[...] = dx.reshape(x.shape)
 
-    # -------------------------------------------------------------- numba
+    # ------------------------------------------------------------ engines
     def forward_numba(self, bottom, top):
-        from netlite.layers import pooling_numba as kern
-
-        x = bottom[0].data
-        y = top[0].data
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.pad
-        if self.pool == MAX:
-            lowest = x.dtype.type(-FLT_MAX)
-            h, w = x.shape[2:]
-            out_h, out_w = self.out_shape
-            # The common 2x2 window, when no window needs clipping, has an
-            # unrolled kernel (3x faster).
-            if ((kh, kw, ph, pw) == (2, 2, 0, 0) and (out_h - 1) * sh + 2 <= h
-                    and (out_w - 1) * sw + 2 <= w):
-                kern.pool_max_fwd_2x2(x, y, self._argmax, sh, sw, lowest)
-            else:
-                kern.pool_max_fwd(x, y, self._argmax, kh, kw, sh, sw, ph, pw,
-                                  lowest)
-            if len(top) > 1:
-                top[1].data[...] = self._argmax
-        else:
-            kern.pool_ave_fwd(x, y, self._pool_area, kh, kw, sh, sw, ph, pw,
-                              x.dtype.type(0))
+        self.adapter("numba").forward(bottom, top)
 
     def backward_numba(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
-        from netlite.layers import pooling_numba as kern
-
-        dx = bottom[0].diff
-        dy = top[0].diff
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.pad
-        if self.pool == MAX:
-            kern.pool_max_bwd(dy, self._argmax, dx)
-        else:
-            kern.pool_ave_bwd(dy, dx, self._pool_area, kh, kw, sh, sw, ph, pw)
+        self.adapter("numba").backward(top, propagate_down, bottom)

@@ -1,4 +1,4 @@
-"""Numba kernels for the Pooling layer's CPU engine.
+"""Numba engine for Pooling: kernels and the adapter :class:`PoolingNumba`.
 
 Each kernel handles one ``(n, c)`` channel plane at a time (overlapping
 windows inside a plane are summed while it is in cache).  The window
@@ -16,6 +16,9 @@ wrap-around test on every access.
 
 import numba
 import numpy as np
+
+from netlite.layer import EngineAdapter
+from netlite.layers.pooling import FLT_MAX, MAX
 
 
 @numba.njit(cache=False, inline="always")
@@ -179,3 +182,41 @@ def pool_ave_bwd(dy, dx, area, kh, kw, sh, sw, ph, pw):
                 for h in range(h0, h1):
                     for w in range(w0, w1):
                         df[_u(dst + h * width + w)] += share
+
+
+# --------------------------------------------------------------- adapter
+class PoolingNumba(EngineAdapter):
+    """Pooling on the Numba engine.  Stateless: it writes the layer's
+    ``argmax`` buffer (Caffe's ``max_idx_``) as the reference does."""
+
+    def forward(self, bottom, top):
+        layer = self.layer
+        x, y = bottom[0].data, top[0].data
+        (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.pad
+        if layer.pool != MAX:
+            pool_ave_fwd(x, y, layer.pool_area, kh, kw, sh, sw, ph, pw,
+                         x.dtype.type(0))
+            return
+        lowest = x.dtype.type(-FLT_MAX)
+        h, w = x.shape[2:]
+        out_h, out_w = layer.out_shape
+        # The common 2x2 window, when no window needs clipping, has an
+        # unrolled kernel (3x faster).
+        if ((kh, kw, ph, pw) == (2, 2, 0, 0) and (out_h - 1) * sh + 2 <= h
+                and (out_w - 1) * sw + 2 <= w):
+            pool_max_fwd_2x2(x, y, layer.argmax, sh, sw, lowest)
+        else:
+            pool_max_fwd(x, y, layer.argmax, kh, kw, sh, sw, ph, pw, lowest)
+        if len(top) > 1:
+            top[1].data[...] = layer.argmax
+
+    def backward(self, top, propagate_down, bottom):
+        layer = self.layer
+        if not propagate_down[0]:
+            return
+        dx, dy = bottom[0].diff, top[0].diff
+        (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.pad
+        if layer.pool == MAX:
+            pool_max_bwd(dy, layer.argmax, dx)
+        else:
+            pool_ave_bwd(dy, dx, layer.pool_area, kh, kw, sh, sw, ph, pw)

@@ -5,13 +5,8 @@ See docs/layers/softmax.md.
 
 import numpy as np
 
-from netlite.errors import LayerSetupError
-from netlite.layer import Layer
+from netlite.layer import Layer, cached_reshape
 from netlite.registry import register_layer
-
-#: Problems with fewer elements than this run the single-threaded Numba
-#: kernels: waking the thread pool costs more than the work saves.
-PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
 def softmax_dims(layer, blob, axis):
@@ -22,18 +17,30 @@ def softmax_dims(layer, blob, axis):
     LayerSetupError
         When ``axis`` is out of range for the blob (message names ``layer``).
     """
-    try:
-        axis = blob.canonical_axis_index(axis)
-    except IndexError as exc:
-        raise LayerSetupError(
-            f"{layer.describe()}: softmax_param.axis: {exc}"
-        ) from None
+    axis = layer.canonical_axis(blob, axis, "softmax_param.axis")
     return (
         axis,
         blob.count_range(0, axis),
         blob.shape[axis],
         blob.count_range(axis + 1),
     )
+
+
+def softmax_backward(xp, y, dy, dx, accumulate=False):
+    """``dx = (dy - sum_c(dy * y)) * y`` over axis 1 of ``(outer, C, inner)``
+    views (``dx +=`` with ``accumulate``).
+
+    The softmax backward of docs/layers/softmax.md §3, shared by Softmax
+    and SoftmaxWithLoss (for its probability top).  ``dot`` is complete
+    before ``dx`` is written, so ``dx`` may alias ``dy`` (in place) when
+    overwriting.
+    """
+    dot = (dy * y).sum(axis=1, keepdims=True)
+    if accumulate:
+        dx += (dy - dot) * y
+    else:
+        xp.subtract(dy, dot, out=dx)
+        dx *= y
 
 
 @register_layer("Softmax")
@@ -66,9 +73,7 @@ class SoftmaxLayer(Layer):
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
 
-    #: Scratch rows reused by the Numba kernels (see softmax_numba.scratch).
-    _buffers = None
-
+    @cached_reshape
     def reshape(self, bottom, top):
         self.axis, self.outer, self.channels, self.inner = softmax_dims(
             self, bottom[0], self.layer_param.softmax_param.axis
@@ -99,50 +104,17 @@ class SoftmaxLayer(Layer):
         y = self._view(top[0].data)
         dy = self._view(top[0].diff)
         dx = self._view(bottom[0].diff)
-        # dot is computed before dx is written: dx may alias dy (in-place).
-        dot = (dy * y).sum(axis=1, keepdims=True)
-        self.xp.subtract(dy, dot, out=dx)
-        dx *= y
+        softmax_backward(self.xp, y, dy, dx)
 
-    # ------------------------------------------------------------- numba
+    # ---------------------------------------------------------- engines
     def forward_numba(self, bottom, top):
-        if bottom[0].count == 0:
-            return
-        from netlite.layers import softmax_numba as kernels
-
-        self._buffers = kernels.softmax_fwd(
-            bottom[0].flat_data, top[0].flat_data, self.outer, self.channels,
-            self.inner, bottom[0].count >= PARALLEL_MIN_ELEMENTS, self._buffers,
-        )
+        self.adapter("numba").forward(bottom, top)
 
     def backward_numba(self, top, propagate_down, bottom):
-        if not propagate_down[0] or bottom[0].count == 0:
-            return
-        from netlite.layers import softmax_numba as kernels
+        self.adapter("numba").backward(top, propagate_down, bottom)
 
-        self._buffers = kernels.softmax_bwd(
-            top[0].flat_data, top[0].flat_diff, bottom[0].flat_diff,
-            self.outer, self.channels, self.inner, False,
-            bottom[0].count >= PARALLEL_MIN_ELEMENTS, self._buffers,
-        )
-
-    # -------------------------------------------------------------- cupy
     def forward_gpu(self, bottom, top):
-        if bottom[0].count == 0:
-            return
-        from netlite.layers import softmax_cupy as kernels
-
-        kernels.softmax_fwd(
-            bottom[0].flat_data, top[0].flat_data, self.outer, self.channels,
-            self.inner,
-        )
+        self.adapter("cupy").forward(bottom, top)
 
     def backward_gpu(self, top, propagate_down, bottom):
-        if not propagate_down[0] or bottom[0].count == 0:
-            return
-        from netlite.layers import softmax_cupy as kernels
-
-        kernels.softmax_bwd(
-            top[0].flat_data, top[0].flat_diff, bottom[0].flat_diff,
-            self.outer, self.channels, self.inner, False,
-        )
+        self.adapter("cupy").backward(top, propagate_down, bottom)

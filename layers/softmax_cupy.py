@@ -1,16 +1,18 @@
-"""CuPy kernels for Softmax.
+"""CuPy engine for Softmax: kernels and the adapter :class:`SoftmaxCuPy`.
 
 One CUDA thread per ``(i, k)`` position of the ``(outer, C, inner)`` view
 loops over the ``C`` channels (stride ``inner``): simple, obviously
 correct, and fast enough for the channel counts of classifiers.  Kernel
 factories are memoised by dtype and build nothing at import time.  See
-docs/layers/softmax.md, "CuPy engine".
+docs/layers/softmax.md, appendix "CuPy engine".
 """
 
 import functools
 
 import cupy
 import numpy as np
+
+from netlite.layer import EngineAdapter
 
 #: The softmax of one (i, k) column of the (outer, C, inner) view, written
 #: to ``OUT``; shared with softmax_loss_cupy, which names its output ``prob``.
@@ -83,3 +85,21 @@ def softmax_bwd(y, dy, dx, outer, n, inner, accumulate):
         y, dy, np.int32(n), np.int32(inner), bool(accumulate), dx,
         size=outer * inner,
     )
+
+
+class SoftmaxCuPy(EngineAdapter):
+    """Softmax on the GPU (the kernels keep no state)."""
+
+    def forward(self, bottom, top):
+        layer = self.layer
+        if bottom[0].count == 0:
+            return
+        softmax_fwd(bottom[0].flat_data, top[0].flat_data, layer.outer,
+                    layer.channels, layer.inner)
+
+    def backward(self, top, propagate_down, bottom):
+        layer = self.layer
+        if not propagate_down[0] or bottom[0].count == 0:
+            return
+        softmax_bwd(top[0].flat_data, top[0].flat_diff, bottom[0].flat_diff,
+                    layer.outer, layer.channels, layer.inner, False)

@@ -1,4 +1,5 @@
-"""CuPy kernels for SoftmaxWithLoss.
+"""CuPy engine for SoftmaxWithLoss: kernels and the adapter
+:class:`SoftmaxWithLossCuPy`.
 
 Forward: one CUDA thread per position ``p = i * inner + k`` computes the
 softmax column (written to ``prob``, which the GPU path always keeps),
@@ -7,29 +8,31 @@ then sum the losses and count the valid positions, and a single
 device-to-host check of the "bad label" flags decides whether to raise.
 Backward: one thread per element, ``dx = scale * (prob - onehot)``, 0 at
 ignored positions.  Factories are memoised by dtype; nothing is built at
-import time.  See docs/layers/softmax_loss.md, "CuPy engine".
+import time.  See docs/layers/softmax_loss.md, appendix "CuPy engine".
 
-Label codes match :mod:`netlite.layers.softmax_loss_numba`: ``>= 0`` the
-class, -1 ignored, -2 not an integer, -3 out of range.
+Label codes and FLT_MIN are formatted into the source from
+:mod:`netlite.layers._labels`, whose rule the kernel follows.
 """
 
 import functools
+import string
 
 import cupy
 import numpy as np
 
-import netlite.layers.softmax_cupy
+from netlite.layer import EngineAdapter
+from netlite.layers import _labels
+from netlite.layers.softmax_cupy import SOFTMAX_COLUMN_SOURCE, softmax_bwd
 
-_FWD_SOURCE = netlite.layers.softmax_cupy.SOFTMAX_COLUMN_SOURCE.replace(
-    "OUT", "prob"
-) + """    const L value = label[i];
+_FWD_SOURCE = SOFTMAX_COLUMN_SOURCE.replace("OUT", "prob") + string.Template("""\
+    const L value = label[i];
     long long cd;
-    if (!(value == floor(value))) {
-        cd = -2;                                   /* also NaN */
+    if (!(value == floor(value)) || isinf((double)value)) {
+        cd = $NOT_INTEGER;                         /* NaN too */
     } else if (has_ignore && (double)value == (double)ignore_label) {
-        cd = -1;
+        cd = $IGNORED;
     } else if ((double)value < 0 || (double)value >= (double)C) {
-        cd = -3;
+        cd = $OUT_OF_RANGE;
     } else {
         cd = (long long)value;
     }
@@ -37,12 +40,15 @@ _FWD_SOURCE = netlite.layers.softmax_cupy.SOFTMAX_COLUMN_SOURCE.replace(
     double l = 0;
     if (cd >= 0) {
         T p = prob[base + cd * inner];
-        const T flt_min = (T)1.1754943508222875e-38;
+        const T flt_min = (T)$FLT_MIN;
         p = p < flt_min ? flt_min : p;             /* NaN stays NaN */
         l = -log((double)p);
     }
     loss[i] = l;
-"""
+""").substitute(
+    NOT_INTEGER=_labels.NOT_INTEGER, IGNORED=_labels.IGNORED,
+    OUT_OF_RANGE=_labels.OUT_OF_RANGE, FLT_MIN=repr(_labels.FLT_MIN),
+)
 
 _BWD_SOURCE = """
     const ptrdiff_t plane = (ptrdiff_t)C * inner;
@@ -97,7 +103,7 @@ def softmax_loss_fwd(x, label, outer, n, inner, has_ignore, ignore_label,
         x, label, np.int32(n), np.int32(inner), bool(has_ignore),
         np.int32(ignore_label), prob, code, loss, size=npos,
     )
-    bad = code < -1
+    bad = code < _labels.IGNORED
     # One device-to-host transfer decides whether any label is invalid.
     first_bad = int(cupy.argmax(bad)) if bool(bad.any()) else -1
     valid = int(cupy.count_nonzero(code >= 0))
@@ -113,3 +119,45 @@ def softmax_loss_bwd(prob, code, outer, n, inner, scale, dx):
     softmax_loss_bwd_kernel(np.dtype(prob.dtype))(
         prob, code, np.int32(n), np.int32(inner), scale.reshape(1), dx
     )
+
+
+# --------------------------------------------------------------- adapter
+class SoftmaxWithLossCuPy(EngineAdapter):
+    """SoftmaxWithLoss on the GPU; keeps the label codes of the last
+    forward (a device array) for the backward."""
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.code = None
+
+    def forward(self, bottom, top):
+        layer = self.layer
+        has_ignore = layer.ignore_label is not None
+        self.code = None
+        loss, valid, first_bad, code = softmax_loss_fwd(
+            bottom[0].flat_data, bottom[1].flat_data, layer.outer,
+            layer.channels, layer.inner, has_ignore,
+            layer.ignore_label if has_ignore else 0, layer.prob.flat_data,
+        )
+        if first_bad >= 0:
+            raise layer.label_error(bottom[1], first_bad)
+        self.code = code
+        layer.valid_count = valid
+        dtype = layer.dtype.type
+        top[0].data[...] = dtype(loss) / dtype(layer.normalizer(valid))
+        layer.check_finite(top[0], bottom[0], code)
+
+    def backward(self, top, propagate_down, bottom):
+        layer = self.layer
+        layer.check_no_label_backward(propagate_down)
+        if not propagate_down[0]:
+            return
+        scale = top[0].diff.reshape(1) / layer.dtype.type(
+            layer.normalizer(layer.valid_count)
+        )
+        softmax_loss_bwd(layer.prob.flat_data, self.code, layer.outer,
+                         layer.channels, layer.inner, scale, bottom[0].flat_diff)
+        if len(top) > 1:
+            softmax_bwd(layer.prob.flat_data, top[1].flat_diff,
+                        bottom[0].flat_diff, layer.outer, layer.channels,
+                        layer.inner, True)

@@ -1,12 +1,13 @@
-"""Numba kernels for SoftmaxWithLoss: fused softmax, label pick, loss.
+"""Numba engine for SoftmaxWithLoss: fused softmax, label pick and loss
+kernels, and the adapter :class:`SoftmaxWithLossNumba` that drives them.
 
 Pure functions on flat, C-contiguous arrays (``(outer, C, inner)`` view
 addressed as ``x[(i * C + c) * inner + k]``; positions ``p = i * inner +
-k``).  Imported lazily by
-:class:`netlite.layers.softmax_loss.SoftmaxWithLossLayer`.  See
-docs/layers/softmax_loss.md, "Numba engine".
+k``).  Imported by :meth:`netlite.layer.Layer.adapter` when the layer
+first runs on the Numba engine.  See docs/layers/softmax_loss.md,
+appendix "Numba engine".
 
-Two strategies, chosen by the layer:
+Two strategies, chosen by the adapter:
 
 * **prob kept** (the second top exists, or the probabilities fit in the
   cache): the forward writes ``prob`` (max; exp and sum; scale, one
@@ -23,8 +24,8 @@ Either way the checked label of every position is kept.  The exponential, the pa
 block reductions and the parallel/serial builds come from
 :mod:`netlite.layers.softmax_numba`.
 
-Label codes (``pos_label``): ``>= 0`` the class; :data:`IGNORED`;
-:data:`NOT_INTEGER`; :data:`OUT_OF_RANGE`.
+Label codes (``pos_label``) follow :mod:`netlite.layers._labels`:
+``>= 0`` the class; ``IGNORED``; ``NOT_INTEGER``; ``OUT_OF_RANGE``.
 """
 
 import math
@@ -33,25 +34,32 @@ import numba
 import numpy as np
 from numba import prange
 
+from netlite.layer import EngineAdapter
+from netlite.layers._labels import FLT_MIN, IGNORED, NOT_INTEGER, OUT_OF_RANGE
 from netlite.layers.softmax_numba import (
     BLOCK,
+    PARALLEL_MIN_ELEMENTS,
     cast_like,
     exp_nonpos,
     num_chunks,
     row_exp_sum,
     row_max,
     row_max_sumexp,
+    softmax_bwd,
     tile_width,
 )
 
-IGNORED = -1
-NOT_INTEGER = -2
-OUT_OF_RANGE = -3
+#: Keep the probabilities (instead of recomputing them in backward) when
+#: they take at most this many bytes: about what stays in a last-level
+#: cache.
+KEEP_PROB_BYTES = 1 << 24
+
 
 @numba.njit
 def label_code(value, n, has_ignore, ignore_label):
-    """Classify one float label: its class, or a negative code."""
-    if not value == np.floor(value):  # also true for NaN
+    """Classify one float label: its class, or a negative code (the rule of
+    :func:`netlite.layers._labels.label_codes`)."""
+    if not value == np.floor(value) or np.isinf(value):  # NaN: first test
         return NOT_INTEGER
     v = np.float64(value)
     if has_ignore and v == np.float64(ignore_label):
@@ -66,7 +74,7 @@ def _position_loss(p, like):
     # -log(max(p, FLT_MIN)), p rounded to the blob's dtype first as the
     # reference does; the log itself is taken in float64.
     pd = cast_like(p, like)
-    floor = cast_like(1.1754943508222875e-38, like)  # FLT_MIN in any dtype
+    floor = cast_like(FLT_MIN, like)  # float32's FLT_MIN in any dtype
     if pd < floor:
         pd = floor
     return -math.log(np.float64(pd))
@@ -368,3 +376,66 @@ class Workspace:
         else:
             self._bwd(x, self.outer, self.n, self.inner, self.pos_max,
                       self.pos_sum, self.pos_label, scale, dx, self.buf)
+
+
+# --------------------------------------------------------------- adapter
+class SoftmaxWithLossNumba(EngineAdapter):
+    """SoftmaxWithLoss on the Numba engine.
+
+    Owns the :class:`Workspace` (statistics, label codes, scratch), the
+    choice of strategy, what ``layer.prob`` holds after the last forward
+    (:attr:`prob_state`) and the scratch rows of the probability top's
+    softmax backward.
+    """
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.workspace = Workspace(layer.dtype)
+        #: What ``layer.prob`` holds: ``"prob"``, ``"exp"`` (``exp(x - m)``
+        #: not yet divided by ``s``; internal only) or None (stale).
+        self.prob_state = None
+        self.softmax_buffers = None
+
+    def forward(self, bottom, top):
+        layer, ws, x = self.layer, self.workspace, bottom[0]
+        self.parallel = x.count >= PARALLEL_MIN_ELEMENTS
+        ws.prepare(layer.outer, layer.channels, layer.inner, self.parallel)
+        # Keeping prob costs a write and a read of it but saves the backward
+        # an exponential per element: worth it while prob stays in cache.
+        write_prob = len(top) > 1 or (
+            layer.inner == 1 and x.count * x.dtype.itemsize <= KEEP_PROB_BYTES
+        )
+        normalise = len(top) > 1 or layer.inner > 1
+        self.prob_state = None
+        has_ignore = layer.ignore_label is not None
+        loss, valid, first_bad = ws.forward(
+            x.flat_data, bottom[1].flat_data, has_ignore,
+            layer.ignore_label if has_ignore else 0,
+            layer.prob.flat_data if write_prob else None, normalise,
+        )
+        if first_bad >= 0:
+            raise layer.label_error(bottom[1], first_bad)
+        if write_prob:
+            self.prob_state = "prob" if normalise else "exp"
+        layer.valid_count = valid
+        dtype = layer.dtype.type
+        top[0].flat_data[0] = dtype(loss) / dtype(layer.normalizer(valid))
+        layer.check_finite(top[0], x, ws.pos_label[: layer.outer * layer.inner])
+
+    def backward(self, top, propagate_down, bottom):
+        layer, x = self.layer, bottom[0]
+        layer.check_no_label_backward(propagate_down)
+        if not propagate_down[0]:
+            return
+        scale = top[0].flat_diff[0] / layer.dtype.type(
+            layer.normalizer(layer.valid_count)
+        )
+        prob = layer.prob.flat_data if self.prob_state else None
+        self.workspace.backward(x.flat_data, scale, x.flat_diff, prob,
+                                self.prob_state == "prob")
+        if len(top) > 1:
+            self.softmax_buffers = softmax_bwd(
+                layer.prob.flat_data, top[1].flat_diff, x.flat_diff, layer.outer,
+                layer.channels, layer.inner, True, self.parallel,
+                self.softmax_buffers,
+            )

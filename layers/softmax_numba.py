@@ -1,9 +1,11 @@
-"""Numba kernels for Softmax (and the row statistics SoftmaxWithLoss reuses).
+"""Numba engine for Softmax: kernels (and the row statistics
+SoftmaxWithLoss reuses) and the adapter :class:`SoftmaxNumba`.
 
 Pure functions on flat, C-contiguous arrays: the ``(outer, C, inner)``
 view of a blob is addressed as ``x[(i * C + c) * inner + k]``.  Imported
-lazily by :class:`netlite.layers.softmax.SoftmaxLayer` (``import netlite``
-does not import Numba).  See docs/layers/softmax.md, "Numba engine".
+by :meth:`netlite.layer.Layer.adapter` when a Softmax first runs on the
+Numba engine (``import netlite`` does not import Numba).  See
+docs/layers/softmax.md, appendix "Numba engine".
 
 Design
 ------
@@ -43,6 +45,12 @@ import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
+
+from netlite.layer import EngineAdapter
+
+#: Problems with fewer elements than this run the single-threaded kernels:
+#: waking the thread pool costs more than the work saves.
+PARALLEL_MIN_ELEMENTS = 1 << 15
 
 #: Length of the scratch block used by the row kernels (fits in L1).
 BLOCK = 1024
@@ -464,3 +472,31 @@ def scratch_shape(outer, n, inner, parallel):
     width = tile_width(n, inner)
     tiles = outer * ((inner + width - 1) // width)
     return num_chunks(parallel, tiles), width
+
+
+# --------------------------------------------------------------- adapter
+class SoftmaxNumba(EngineAdapter):
+    """Softmax on the Numba engine; owns the kernels' scratch rows."""
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.buffers = None
+
+    def forward(self, bottom, top):
+        layer = self.layer
+        if bottom[0].count == 0:
+            return
+        self.buffers = softmax_fwd(
+            bottom[0].flat_data, top[0].flat_data, layer.outer, layer.channels,
+            layer.inner, bottom[0].count >= PARALLEL_MIN_ELEMENTS, self.buffers,
+        )
+
+    def backward(self, top, propagate_down, bottom):
+        layer = self.layer
+        if not propagate_down[0] or bottom[0].count == 0:
+            return
+        self.buffers = softmax_bwd(
+            top[0].flat_data, top[0].flat_diff, bottom[0].flat_diff, layer.outer,
+            layer.channels, layer.inner, False,
+            bottom[0].count >= PARALLEL_MIN_ELEMENTS, self.buffers,
+        )

@@ -17,12 +17,17 @@ elements of the flat buffers, reshaped.  Assigning to them
 ``blob.data[...] = x`` does the same.
 """
 
+import itertools
+
 import numpy as np
 
 from netlite import backend
 
 #: Caffe's limit on the number of axes.
 MAX_BLOB_AXES = 32
+
+#: Source of :attr:`Blob.layout_id` values, unique across all blobs.
+_LAYOUT_IDS = itertools.count()
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -82,6 +87,7 @@ class Blob:
         self._capacity = 0
         self._data = self._xp.zeros(0, dtype=dtype)
         self._diff = self._xp.zeros(0, dtype=dtype)
+        self._layout_id = next(_LAYOUT_IDS)
         if shape is not None:
             self.reshape(shape)
 
@@ -98,12 +104,15 @@ class Blob:
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if count > np.iinfo(np.int32).max:
             raise ValueError(f"blob shape {shape} has {count} elements (> INT_MAX)")
+        if shape != self._shape:
+            self._layout_id = next(_LAYOUT_IDS)
         self._shape = shape
         self._count = count
         if count > self._capacity:
             self._capacity = count
             self._data = self._xp.zeros(count, dtype=self._dtype)
             self._diff = self._xp.zeros(count, dtype=self._dtype)
+            self._layout_id = next(_LAYOUT_IDS)
         return self
 
     def reshape_like(self, other):
@@ -114,6 +123,17 @@ class Blob:
     def shape(self):
         """Tuple of dimensions (``()`` for a scalar or a default blob)."""
         return self._shape if self._shape is not None else ()
+
+    @property
+    def layout_id(self):
+        """A number that changes whenever the shape or a buffer changes.
+
+        :meth:`reshape` to another shape, a reallocation, :meth:`share_data`
+        and :meth:`share_diff` each give the blob a new id, unique across
+        all blobs; writing values does not.  Layers compare ids to skip a
+        reshape that would change nothing (:func:`netlite.layer.cached_reshape`).
+        """
+        return self._layout_id
 
     @property
     def num_axes(self):
@@ -240,12 +260,14 @@ class Blob:
         """Alias ``other``'s data buffer (counts must match)."""
         self._check_share(other, "share_data")
         self._data = other._data
+        self._layout_id = next(_LAYOUT_IDS)
         self._capacity = min(self._data.size, self._diff.size)
 
     def share_diff(self, other):
         """Alias ``other``'s diff buffer (counts must match)."""
         self._check_share(other, "share_diff")
         self._diff = other._diff
+        self._layout_id = next(_LAYOUT_IDS)
         self._capacity = min(self._data.size, self._diff.size)
 
     def _check_share(self, other, what):

@@ -9,15 +9,21 @@ override:
     (shape tops and buffers) -> set loss weights (fill each weighted top's
     diff with its weight).
 ``forward(bottom, top)``
-    :meth:`Layer.reshape`, then the engine's forward, then return the
-    weighted loss ``sum_t dot(top_t.data, top_t.diff)`` over weighted tops.
+    :meth:`Layer.reshape`, then the forward of the engine chosen now
+    (:meth:`Layer.select_engine`), recorded in :attr:`Layer.engine`; returns
+    the weighted loss ``sum_t dot(top_t.data, top_t.diff)`` over weighted
+    tops.
 ``backward(top, propagate_down, bottom)``
-    the engine's backward.
+    the backward of the engine that ran the last forward, whatever the
+    global setting is now: a fast forward may keep its intermediates in its
+    own layout, and only its own backward reads them.
 
 Subclasses implement ``forward_cpu`` / ``backward_cpu`` (the NumPy
 reference, written with the blobs' array module ``self.xp`` so it also runs
-on CuPy arrays) and optionally ``forward_numba`` / ``backward_numba`` and
-``forward_gpu`` / ``backward_gpu``.  The conventions:
+on CuPy arrays) and optionally the hooks ``forward_numba`` /
+``backward_numba`` and ``forward_gpu`` / ``backward_gpu``, which hand over
+to an :class:`EngineAdapter` in the sibling module ``<layer>_numba.py`` /
+``<layer>_cupy.py`` (see :meth:`Layer.adapter`).  The conventions:
 
 * parameter diffs **accumulate** (``+=``); the solver clears them;
 * bottom diffs are **overwritten**; fan-out is summed by Split layers;
@@ -25,15 +31,58 @@ on CuPy arrays) and optionally ``forward_numba`` / ``backward_numba`` and
 * honour ``propagate_down[i]`` and ``self.param_propagate_down[j]``.
 """
 
+import functools
+import importlib
+
 import numpy as np
 
 from netlite import backend, io
 from netlite.blob import Blob
-from netlite.errors import LayerSetupError, layer_label
+from netlite.errors import LayerSetupError, ShapeError, layer_label
 from netlite.proto import netlite_pb2
 
 TRAIN = netlite_pb2.TRAIN
 TEST = netlite_pb2.TEST
+
+#: Engine name -> the (forward, backward) hook pair that runs it.
+ENGINE_HOOKS = {
+    "numpy": ("forward_cpu", "backward_cpu"),
+    "numba": ("forward_numba", "backward_numba"),
+    "cupy": ("forward_gpu", "backward_gpu"),
+}
+
+#: Engine name -> suffix of its adapter class (``SoftmaxWithLoss`` + suffix).
+_ADAPTER_SUFFIX = {"numba": "Numba", "cupy": "CuPy"}
+
+
+def cached_reshape(reshape):
+    """Decorator for ``Layer.reshape``: skip it when nothing it reads changed.
+
+    Caffe reshapes every layer before every forward.  For a layer whose
+    reshape does real work (geometry tables, internal layers) that is
+    wasted when the bottoms and tops are the same blobs, with the same
+    shapes and buffers (:attr:`Blob.layout_id`), as at the end of its last
+    reshape.  Decorating the layer's ``reshape`` opts in: the call returns
+    at once in that case.  The record is made inside the decorated method,
+    so every caller (``forward``, ``Net.reshape``, a user) keeps it true,
+    and only after the body succeeded, so a reshape that raised runs (and
+    raises) again.  Use it only for a reshape that depends on nothing but
+    the blobs' shapes and identities (and on what ``layer_setup`` made:
+    :meth:`Layer.setup` clears the record).
+    """
+
+    @functools.wraps(reshape)
+    def wrapper(self, bottom, top):
+        layout = [(b, b.layout_id) for b in (*bottom, *top)]
+        last = self.__dict__.get("_reshaped_for")
+        if last is not None and len(last) == len(layout) and all(
+                a[0] is b[0] and a[1] == b[1] for a, b in zip(last, layout)):
+            return
+        self._reshaped_for = None
+        reshape(self, bottom, top)
+        self._reshaped_for = [(b, b.layout_id) for b in (*bottom, *top)]
+
+    return wrapper
 
 
 class Layer:
@@ -61,6 +110,9 @@ class Layer:
     iteration : int
         The solver's iteration, for layers whose behaviour follows a
         schedule; updated by :meth:`netlite.Net.set_iteration`.
+    engine : str or None
+        The engine that ran the last forward (``"numpy"``, ``"numba"`` or
+        ``"cupy"``); the backward runs on it.  None before any forward.
     """
 
     #: The registered type string (set by ``register_layer``).
@@ -89,6 +141,8 @@ class Layer:
         self.param_propagate_down = []
         self.loss_weights = []
         self.iteration = 0
+        self.engine = None
+        self._adapters = {}
 
     # ----------------------------------------------------------- contract
     def allow_force_backward(self, bottom_index):
@@ -129,6 +183,7 @@ class Layer:
         source = bottom[0] if bottom else (top[0] if top else None)
         if source is not None:
             self.dtype, self.device, self.xp = source.dtype, source.device, source.xp
+        self._reshaped_for = None  # a new setup invalidates cached_reshape
         if self.layer_param.blobs and not self.blobs:
             self.blobs = [
                 Blob(dtype=self.dtype, device=self.device).from_proto(p)
@@ -147,15 +202,23 @@ class Layer:
         """Shape the tops (and internal buffers) from the bottoms."""
         raise NotImplementedError(f"{self.describe()} does not implement reshape")
 
+    def select_engine(self):
+        """The engine a forward would run on now.
+
+        ``"cupy"`` when the layer's blobs live on the GPU, else the global
+        CPU engine (:func:`netlite.cpu_engine`: ``"numpy"`` or ``"numba"``).
+        """
+        return "cupy" if self.device == "gpu" else backend.cpu_engine()
+
     def forward(self, bottom, top):
-        """Reshape, run the engine's forward, return the weighted loss."""
+        """Reshape, run the engine's forward, return the weighted loss.
+
+        The engine is chosen here (:meth:`select_engine`) and recorded in
+        :attr:`engine`, which the next :meth:`backward` follows.
+        """
         self.reshape(bottom, top)
-        if self.device == "gpu":
-            self.forward_gpu(bottom, top)
-        elif backend.cpu_engine() == "numba":
-            self.forward_numba(bottom, top)
-        else:
-            self.forward_cpu(bottom, top)
+        self.engine = self.select_engine()
+        getattr(self, ENGINE_HOOKS[self.engine][0])(bottom, top)
         loss = 0.0
         for i, t in enumerate(top):
             if self.loss(i):
@@ -163,7 +226,10 @@ class Layer:
         return loss
 
     def backward(self, top, propagate_down, bottom):
-        """Run the engine's backward.
+        """Run the backward of the engine that ran the last forward.
+
+        Without an earlier forward (a layer whose backward needs none of
+        its intermediates) the engine is chosen as :meth:`forward` would.
 
         Parameters
         ----------
@@ -179,12 +245,8 @@ class Layer:
                 f"{self.describe()}: propagate_down has {len(propagate_down)} "
                 f"entries for {len(bottom)} bottoms"
             )
-        if self.device == "gpu":
-            self.backward_gpu(top, propagate_down, bottom)
-        elif backend.cpu_engine() == "numba":
-            self.backward_numba(top, propagate_down, bottom)
-        else:
-            self.backward_cpu(top, propagate_down, bottom)
+        engine = self.engine or self.select_engine()
+        getattr(self, ENGINE_HOOKS[engine][1])(top, propagate_down, bottom)
 
     # ------------------------------------------------------------ engines
     def forward_cpu(self, bottom, top):
@@ -212,7 +274,72 @@ class Layer:
         """GPU backward; defaults to the array-generic reference on CuPy."""
         self.backward_cpu(top, propagate_down, bottom)
 
+    def adapter(self, engine):
+        """This layer's :class:`EngineAdapter` for ``"numba"`` or ``"cupy"``.
+
+        Built on first use and kept: it owns that engine's state (kernels,
+        workspaces, caches).  By convention the hook ``forward_numba`` of a
+        layer defined in ``netlite.layers.<m>`` is served by the class
+        ``<Type>Numba`` of ``netlite.layers.<m>_numba`` (``<Type>CuPy`` of
+        ``<m>_cupy`` for ``forward_gpu``), ``<Type>`` being the registered
+        type string of the class that defines the hook.  Importing the
+        module here keeps Numba and CuPy out of ``import netlite``.
+        """
+        adapter = self._adapters.get(engine)
+        if adapter is None:
+            hook = ENGINE_HOOKS[engine][0]
+            owner = next(c for c in type(self).__mro__ if hook in vars(c))
+            module = importlib.import_module(f"{owner.__module__}_{engine}")
+            adapter = getattr(module, owner.type + _ADAPTER_SUFFIX[engine])(self)
+            self._adapters[engine] = adapter
+        return adapter
+
     # ------------------------------------------------------------ helpers
+    def canonical_axis(self, blob, axis, field="axis"):
+        """``blob.canonical_axis_index(axis)``, raising a LayerSetupError that
+        names this layer and the parameter ``field`` when out of range."""
+        try:
+            return blob.canonical_axis_index(axis)
+        except IndexError as exc:
+            raise LayerSetupError(f"{self.describe()}: {field}: {exc}") from None
+
+    def check_param_blobs(self, shapes, names, context=""):
+        """Check parameter blobs that were given (a model file, an earlier
+        setup) against the shapes this setup expects.
+
+        Parameters
+        ----------
+        shapes : list of tuple of int
+            The expected shape of each blob, in order.
+        names : list of str
+            What each blob is (``"weight"``, ``"bias"``), for messages.
+        context : str, optional
+            Why those shapes are expected, appended to a shape message.
+
+        Raises
+        ------
+        ShapeError
+            When the number of blobs differs, or a blob's shape is neither
+            the expected one nor its legacy 4-D form ``(1, ..., 1, *shape)``
+            (which Caffe's old BlobProto fields give; it is reshaped).
+        """
+        if len(self.blobs) != len(shapes):
+            raise ShapeError(
+                f"{self.describe()}: expected {len(shapes)} parameter blob(s) "
+                f"({', '.join(names)}), got {len(self.blobs)}"
+            )
+        for j, (blob, shape, name) in enumerate(zip(self.blobs, shapes, names)):
+            shape = tuple(shape)
+            pad = 4 - len(shape)
+            legacy = (blob.num_axes == 4 and pad >= 0 and blob.shape[pad:] == shape
+                      and all(d == 1 for d in blob.shape[:pad]))
+            if blob.shape != shape and not legacy:
+                raise ShapeError(
+                    f"{self.describe()}: {name} blob {j} has shape {blob.shape}: "
+                    f"incorrect {name} shape, expected {shape}{context}"
+                )
+            blob.reshape(shape)
+
     def make_blob(self, shape=None):
         """A new Blob with this layer's dtype and device."""
         return Blob(shape, dtype=self.dtype, device=self.device)
@@ -267,6 +394,34 @@ class Layer:
                 continue
             self.loss_weights[i] = float(w)
             top[i].diff[...] = w
+
+
+class EngineAdapter:
+    """Base of the engine adapters that sit beside a layer.
+
+    An adapter is the one piece of code that touches a layer's blobs on a
+    fast engine: :meth:`forward` / :meth:`backward` take the same arguments
+    as the layer's hooks, read the layer's geometry and parameters (its
+    public attributes), call the pure kernels of their module, and keep
+    that engine's state (workspaces, caches, strategy constants) on
+    themselves.  :meth:`Layer.adapter` builds one per layer and engine.
+
+    Parameters
+    ----------
+    layer : Layer
+        The layer served.
+    """
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def forward(self, bottom, top):
+        """The engine's forward."""
+        raise NotImplementedError
+
+    def backward(self, top, propagate_down, bottom):
+        """The engine's backward."""
+        raise NotImplementedError
 
 
 class LossLayer(Layer):

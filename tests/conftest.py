@@ -25,6 +25,17 @@ except ImportError as exc:  # pragma: no cover - set-up error path
 from netlite import backend  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Deselect the LayerTestCase tests that do not apply to their case
+    (see layer_test_case.LayerTestCase.applies)."""
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("inapplicable") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def _restore_global_state():
     engine, mode = backend.cpu_engine(), backend.mode()

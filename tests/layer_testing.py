@@ -12,15 +12,67 @@ import netlite
 from netlite import backend, fillers
 from netlite.io import FillerParameter
 
-#: Tolerances for comparing a fast engine with the NumPy reference, keyed by
-#: dtype.  float32: the kernels reorder sums (parallel reductions), so a few
-#: ulps of relative error (~1e-7 each) accumulate over rows of up to ~1e5
-#: terms; 1e-5 relative is ~100 ulps.  float64: the same argument at 1e-16
-#: gives ~1e-12.
-PARITY_TOL = {
-    np.dtype(np.float32): {"rtol": 1e-5, "atol": 1e-6},
-    np.dtype(np.float64): {"rtol": 1e-12, "atol": 1e-13},
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+#: Every tolerance of the generic layer tests, by purpose and dtype.  A
+#: float32 run is held to the float32 entry and a float64 run to the
+#: float64 entry; a test that needs another one states its own reason.
+TOLERANCES = {
+    # Fast engine against the NumPy reference, same dtype.  The kernels
+    # reorder sums (parallel and pairwise reductions), so a few ulps of
+    # relative error (eps32 = 1.2e-7, eps64 = 2.2e-16) accumulate over
+    # rows of up to ~1e5 terms: 1e-5 relative is ~100 float32 ulps and
+    # 1e-12 ~5000 float64 ulps.
+    "parity": {
+        F32: {"rtol": 1e-5, "atol": 1e-6},
+        F64: {"rtol": 1e-12, "atol": 1e-13},
+    },
+    # A layer against its float64 naive oracle (tests/naive.py), which
+    # sees the same inputs widened exactly.  The layer rounds every
+    # operation in its own dtype; the harness fixtures keep reductions
+    # under ~1e3 terms of magnitude under ~10, so the error stays below
+    # ~1e3 * eps of the largest term: 2e-5 (float32) and 1e-12 (float64)
+    # leave a margin of ~100 over that.
+    "oracle": {
+        F32: {"rtol": 2e-5, "atol": 2e-5},
+        F64: {"rtol": 1e-12, "atol": 1e-12},
+    },
 }
+
+#: The name the engine-parity tests have always used.
+PARITY_TOL = TOLERANCES["parity"]
+
+#: Caffe's exhaustive gradient check, run in float64.  Central differences
+#: have a truncation error of about h^2 |f'''| / 6 ~ 1e-9 at h = 1e-4 for
+#: the O(1) curvatures of the fixtures, and a rounding error of about
+#: eps64 |f| / h ~ 1e-11; a threshold of 1e-6 (relative above 1, absolute
+#: below) sits three orders of magnitude above both and four below
+#: Caffe's float32 thresholds (1e-2, 1e-3), so a wrong term in a gradient
+#: cannot hide in it.  Layers with kinks also declare ``kink`` and
+#: ``kink_range`` (at least the step).
+GRADIENT_CHECK = {"stepsize": 1e-4, "threshold": 1e-6}
+
+
+def tolerance(kind, dtype):
+    """``TOLERANCES[kind][dtype]``: a dict with ``rtol`` and ``atol``."""
+    return TOLERANCES[kind][np.dtype(dtype)]
+
+
+def assert_close(actual, expected, kind, dtype, what=""):
+    """``assert_allclose`` at ``TOLERANCES[kind][dtype]``.
+
+    The absolute part is multiplied by ``max(1, max|expected|)``: the
+    rounding error of a sum scales with its largest terms, not with its
+    (possibly cancelled) result.
+    """
+    tol = tolerance(kind, dtype)
+    expected = np.asarray(expected, dtype=np.float64)
+    finite = expected[np.isfinite(expected)]
+    scale = max(1.0, float(np.max(np.abs(finite), initial=0.0)))
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64), expected, rtol=tol["rtol"],
+        atol=tol["atol"] * scale, err_msg=what,
+    )
 
 
 def filler(type_="gaussian", **fields):
@@ -62,7 +114,7 @@ def requires_gpu():
 
 
 def run_engine(engine, layer_factory, bottom_arrays, top_diff_arrays=None,
-               propagate_down=None, dtype=np.float32):
+               propagate_down=None, dtype=np.float32, num_tops=None):
     """Set up a fresh layer on copies of the inputs, run forward (and
     backward when top diffs are given) on ``engine`` ("numpy", "numba" or
     "cupy"); return (top datas, bottom diffs, param diffs) as NumPy arrays.
@@ -76,8 +128,9 @@ def run_engine(engine, layer_factory, bottom_arrays, top_diff_arrays=None,
     bottom = [make_blob(a.shape, dtype, a, device=device) for a in bottom_arrays]
     layer = layer_factory()
     layer.device = device
-    top = [netlite.Blob(dtype=dtype, device=device) for _ in range(
-        layer.exact_num_top_blobs if layer.exact_num_top_blobs > 0 else 1)]
+    if num_tops is None:
+        num_tops = layer.exact_num_top_blobs if layer.exact_num_top_blobs > 0 else 1
+    top = [netlite.Blob(dtype=dtype, device=device) for _ in range(num_tops)]
     layer.setup(bottom, top)
     layer.forward(bottom, top)
     tops = [backend.to_numpy(t.data).copy() for t in top]

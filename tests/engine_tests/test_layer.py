@@ -306,6 +306,36 @@ def test_engine_dispatch(engine, fwd, bwd):
         assert "backward_cpu" not in names
 
 
+@pytest.mark.parametrize("forward_engine, later_engine", [
+    ("numpy", "numba"), ("numba", "numpy"),
+])
+def test_backward_uses_the_forward_engine(forward_engine, later_engine):
+    """The engine is chosen per forward; its backward follows it whatever
+    the global setting is by then (a fast forward may keep intermediates in
+    its own layout).  Without a forward, backward uses the current one."""
+    if not backend.numba_available():
+        pytest.skip("numba missing")
+    hook = {"numpy": "backward_cpu", "numba": "backward_numba"}
+    layer = RecordingLayer()
+    bottom, top = _blobs((2,)), _blobs(None)
+    layer.setup(bottom, top)
+    assert layer.engine is None
+    netlite.set_cpu_engine(later_engine)
+    layer.backward(top, [True], bottom)
+    assert _names(layer)[-1] == hook[later_engine]
+    netlite.set_cpu_engine(forward_engine)
+    layer.forward(bottom, top)
+    assert layer.engine == forward_engine
+    netlite.set_cpu_engine(later_engine)
+    layer.backward(top, [True], bottom)
+    layer.backward(top, [True], bottom)
+    assert _names(layer)[-2:] == [hook[forward_engine]] * 2
+    layer.forward(bottom, top)
+    layer.backward(top, [True], bottom)
+    assert layer.engine == later_engine
+    assert _names(layer)[-1] == hook[later_engine]
+
+
 def test_default_numba_methods_fall_back_to_reference():
     class CpuOnly(NeuronLayer):
         def forward_cpu(self, bottom, top):

@@ -264,7 +264,7 @@ def test_bad_label_next_to_ignored(f):
     f.label.data[4] = -2
     layer = accuracy_layer(ignore_label=-1)
     layer.setup(f.bottom, [f.top])
-    with pytest.raises(LabelError, match=r"-2\.0 at position 4"):
+    with pytest.raises(LabelError, match=r"-2\.0 at index \(4,\)"):
         layer.forward(f.bottom, [f.top])
 
 

@@ -6,8 +6,10 @@ import math
 import re
 import warnings
 
+import naive
 import numpy as np
 import pytest
+from layer_test_case import LayerTestCase, labels
 from layer_testing import (
     PARITY_TOL,
     filler,
@@ -19,7 +21,6 @@ from layer_testing import (
 
 import netlite
 from netlite import backend
-from netlite.layers import softmax_loss
 from netlite.layers.softmax import SoftmaxLayer
 from netlite.layers.softmax_loss import FLT_MIN, SoftmaxWithLossLayer
 
@@ -47,29 +48,50 @@ def _softmax64(x, axis):
 
 
 def _naive(x, labels, axis=1, ignore=None, normalization="VALID", weight=1.0):
-    """Loop-level float64 oracle: (loss, dL/dx) exactly as Caffe defines them."""
-    x = np.asarray(x, dtype=np.float64)
-    axis = axis % x.ndim
-    outer = int(np.prod(x.shape[:axis]))
-    n = x.shape[axis]
-    inner = int(np.prod(x.shape[axis + 1:]))
-    p = _softmax64(x, axis).reshape(outer, n, inner)
-    lab = np.asarray(labels).reshape(outer, inner)
-    loss, valid = 0.0, 0
-    grad = np.zeros_like(p)
-    for i in range(outer):
-        for k in range(inner):
-            label = int(lab[i, k])
-            if ignore is not None and label == ignore:
-                continue
-            loss -= math.log(max(p[i, label, k], FLT_MIN))
-            valid += 1
-            grad[i, :, k] = p[i, :, k]
-            grad[i, label, k] -= 1
-    z = {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer,
-         "NONE": 1}[normalization]
-    z = max(1, z)
-    return loss / z, (weight / z) * grad.reshape(x.shape)
+    """The float64 oracle (naive.softmax_with_loss) with a loss weight."""
+    loss, grad = naive.softmax_with_loss(np.asarray(x, np.float64), labels, axis,
+                                         ignore, normalization)
+    return loss, weight * grad
+
+
+class TestSoftmaxWithLossLayer(LayerTestCase):
+    """The standard tests for every normalization, ignore_label, the
+    probability top, spatial positions and the class axis last."""
+
+    shape, axis, text, ignore, mode = (6, 5, 2, 3), 1, "", None, "VALID"
+    tops = 1
+    cases = {
+        "valid": {},
+        "ignore": {"text": "loss_param { ignore_label: 2 }", "ignore": 2},
+        "full": {"text": "loss_param { normalization: FULL }", "mode": "FULL"},
+        "batch": {"text": "loss_param { normalization: BATCH_SIZE "
+                  "ignore_label: 0 }", "mode": "BATCH_SIZE", "ignore": 0},
+        "none": {"text": "loss_param { normalization: NONE }", "mode": "NONE"},
+        "prob_top": {"tops": 2, "shape": (4, 6, 3)},
+        "rows": {"shape": (8, 10)},
+        "axis_last": {"shape": (3, 4, 5), "axis": -1,
+                      "text": "softmax_param { axis: -1 }"},
+    }
+
+    @property
+    def layer(self):
+        return f'type: "SoftmaxWithLoss" {self.text}'
+
+    @property
+    def bottoms(self):
+        axis = self.axis % len(self.shape)
+        label_shape = self.shape[:axis] + self.shape[axis + 1:]
+        n = self.shape[axis]
+        return [(self.shape, filler("gaussian", std=2)),
+                (label_shape, labels(n, self.ignore, 4))]
+
+    def oracle(self, bottoms, blobs):
+        loss, _ = naive.softmax_with_loss(bottoms[0], bottoms[1], self.axis,
+                                          self.ignore, self.mode)
+        tops = [np.array(loss)]
+        if self.tops > 1:
+            tops.append(naive.softmax(bottoms[0], self.axis))
+        return tops
 
 
 def _tol(dtype):
@@ -116,18 +138,6 @@ def test_gradient_unnormalized(bottoms, dtype):
 
 
 # ------------------------------------------------------------ beyond Caffe
-def test_forward_backward_match_naive_oracle(bottoms, dtype):
-    layer, top = _layer("loss_weight: 3"), [netlite.Blob(dtype=dtype)]
-    layer.setup(bottoms, top)
-    loss = layer.forward(bottoms, top)
-    expected, grad = _naive(bottoms[0].data, bottoms[1].data, weight=3.0)
-    assert top[0].shape == () and top[0].dtype == dtype
-    np.testing.assert_allclose(float(top[0].data), expected, **_tol(dtype))
-    assert loss == pytest.approx(3 * expected, rel=1e-5)
-    layer.backward(top, [True, False], bottoms)
-    np.testing.assert_allclose(bottoms[0].diff, grad, **_tol(dtype))
-
-
 @pytest.mark.parametrize("mode", NORMALIZATIONS)
 def test_normalization_exact_values(mode, dtype):
     # All-zero scores: every probability is 1/4, every position's loss is
@@ -326,20 +336,6 @@ def test_flt_min_clamp_with_very_negative_logit(dtype):
     np.testing.assert_allclose(float(top[0].data), -math.log(FLT_MIN), rtol=1e-6)
 
 
-def test_loss_weight_scales_loss_and_gradient(bottoms, dtype):
-    results = []
-    for weight in (1, 3.5):
-        layer, top = _layer(f"loss_weight: {weight}"), [netlite.Blob(dtype=dtype)]
-        layer.setup(bottoms, top)
-        loss = layer.forward(bottoms, top)
-        layer.backward(top, [True, False], bottoms)
-        results.append((loss, float(top[0].data), bottoms[0].diff.copy()))
-    (l1, v1, g1), (l2, v2, g2) = results
-    assert v1 == v2  # the top holds the unweighted loss
-    assert l2 == pytest.approx(3.5 * l1, rel=1e-6)
-    np.testing.assert_allclose(g2, 3.5 * g1, rtol=1e-6, atol=1e-7)
-
-
 def test_loss_weight_read_from_top_diff(bottoms, dtype):
     layer, top = _layer(), [netlite.Blob(dtype=dtype)]
     layer.setup(bottoms, top)
@@ -413,15 +409,6 @@ def test_labels_cannot_be_backpropagated(bottoms, dtype):
         layer.backward(top, [True, True], bottoms)
     with pytest.raises(ValueError, match="label"):
         layer.backward(top, [False, True], bottoms)
-
-
-def test_propagate_down_false_leaves_diff(bottoms, dtype):
-    layer, top = _layer(), [netlite.Blob(dtype=dtype)]
-    layer.setup(bottoms, top)
-    layer.forward(bottoms, top)
-    bottoms[0].diff[...] = 5
-    layer.backward(top, [False, False], bottoms)
-    assert np.all(bottoms[0].diff == 5)
 
 
 # ---------------------------------------------------------- non-finite input
@@ -543,8 +530,7 @@ def _label_shape(shape, text):
     return shape[:axis] + shape[axis + 1:], shape[axis]
 
 
-def _run(engine, shape, text, ntops, x, labels, dy1, dtype, weight=2.5,
-         backward_engine=None):
+def _run(engine, shape, text, ntops, x, labels, dy1, dtype, weight=2.5):
     backend.set_cpu_engine(engine)
     device = "gpu" if engine == "cupy" else "cpu"
     xp = backend.get_array_module(device)
@@ -559,8 +545,6 @@ def _run(engine, shape, text, ntops, x, labels, dy1, dtype, weight=2.5,
     top[0].diff[...] = weight
     if ntops > 1:
         top[1].diff = xp.asarray(dy1)
-    if backward_engine:
-        backend.set_cpu_engine(backward_engine)
     layer.backward(top, [True, False], [data, label])
     return ([backend.to_numpy(t.data).copy() for t in top],
             backend.to_numpy(data.diff).copy(), layer.valid_count)
@@ -584,12 +568,18 @@ def _assert_parity(a, b, dtype):
     np.testing.assert_allclose(dx_b, dx_a, **tol)
 
 
+def _numba_module():
+    from netlite.layers import softmax_loss_numba
+
+    return softmax_loss_numba
+
+
 @pytest.fixture(params=["keep prob", "statistics only"])
 def numba_strategy(request, monkeypatch):
     """The Numba engine keeps prob for small inputs and recomputes it from
     per-position statistics for large ones: test both on every case."""
-    if request.param == "statistics only":
-        monkeypatch.setattr(softmax_loss, "KEEP_PROB_BYTES", 0)
+    if request.param == "statistics only" and backend.numba_available():
+        monkeypatch.setattr(_numba_module(), "KEEP_PROB_BYTES", 0)
     return request.param
 
 
@@ -610,7 +600,7 @@ def test_numba_online_statistics(dtype, monkeypatch, pattern):
     # blocks are -inf (skipped).
     from netlite.layers.softmax_numba import BLOCK
 
-    monkeypatch.setattr(softmax_loss, "KEEP_PROB_BYTES", 0)
+    monkeypatch.setattr(_numba_module(), "KEEP_PROB_BYTES", 0)
     n = 3 * BLOCK + 77
     ramp = np.linspace(-20, 20, n)
     if pattern == "falling":
@@ -637,7 +627,7 @@ def test_numba_online_statistics(dtype, monkeypatch, pattern):
 ])
 def test_numba_strategy_choice(dtype, monkeypatch, shape, ntops, keep, expected):
     if keep is not None:
-        monkeypatch.setattr(softmax_loss, "KEEP_PROB_BYTES", keep)
+        monkeypatch.setattr(_numba_module(), "KEEP_PROB_BYTES", keep)
     backend.set_cpu_engine("numba")
     lshape = (shape[0],) + shape[2:]
     data = make_blob(shape, dtype, filler("gaussian"))
@@ -645,20 +635,32 @@ def test_numba_strategy_choice(dtype, monkeypatch, shape, ntops, keep, expected)
     layer, top = _layer(), [netlite.Blob(dtype=dtype) for _ in range(ntops)]
     layer.setup([data, label], top)
     layer.forward([data, label], top)
-    assert layer._numba_prob == expected
+    assert layer.adapter("numba").prob_state == expected
 
 
 @requires_numba()
-@pytest.mark.parametrize("forward, backward", [("numba", "numpy"), ("numpy", "numba")])
+@pytest.mark.parametrize("forward, later", [("numba", "numpy"), ("numpy", "numba")])
 @pytest.mark.parametrize("ntops", [1, 2])
-def test_engines_can_switch_between_forward_and_backward(dtype, forward, backward,
-                                                         ntops, numba_strategy):
+def test_backward_follows_the_forward_engine(dtype, forward, later, ntops,
+                                             numba_strategy):
+    # The engine switched between a forward and its backward: the backward
+    # still runs (and is exact) on the forward's engine.
     shape, text = (6, 9, 5), "loss_param { ignore_label: 2 }"
     x, labels, dy1 = _parity_inputs(shape, text, dtype)
-    ref = _run("numpy", shape, text, ntops, x, labels, dy1, dtype)
-    mixed = _run(forward, shape, text, ntops, x, labels, dy1, dtype,
-                 backward_engine=backward)
-    _assert_parity(ref, mixed, dtype)
+    ref = _run(forward, shape, text, ntops, x, labels, dy1, dtype)
+    backend.set_cpu_engine(forward)
+    data, label = make_blob(shape, dtype, x), make_blob(labels.shape, dtype, labels)
+    top = [netlite.Blob(dtype=dtype) for _ in range(ntops)]
+    layer = _layer(text)
+    layer.setup([data, label], top)
+    layer.forward([data, label], top)
+    top[0].diff[...] = 2.5
+    if ntops > 1:
+        top[1].diff = dy1
+    backend.set_cpu_engine(later)
+    layer.backward(top, [True, False], [data, label])
+    assert layer.engine == forward
+    np.testing.assert_array_equal(data.diff, ref[1])
 
 
 @requires_numba()
