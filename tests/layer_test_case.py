@@ -12,7 +12,10 @@ of Chainer's function test cases, with Caffe's checks)::
         def oracle(self, bottoms, blobs):
             return [naive.relu(bottoms[0])]
 
-Generated tests (each once per entry of :attr:`LayerTestCase.cases`):
+Generated tests (each once per entry of :attr:`LayerTestCase.cases`; the
+forward and the contract tests also once per CPU engine the layer
+implements: ``numpy``, and ``numba`` for a layer with its own Numba
+hooks):
 
 ``test_forward``
     float32 and float64: the tops against the float64 oracle, at
@@ -23,13 +26,16 @@ Generated tests (each once per entry of :attr:`LayerTestCase.cases`):
     ``stepsize`` / ``threshold`` / ``kink`` / ``kink_range``) on every
     bottom that propagates and every parameter blob.
 ``test_propagate_down``
-    every ``propagate_down`` pattern of one bottom, and
-    ``param_propagate_down`` off: the diffs not asked for are untouched,
-    the ones asked for are those of a full backward.
+    no bottom, then each bottom alone; each parameter alone, then none:
+    the diffs not asked for are untouched, the ones asked for are those of
+    a full backward.
 ``test_param_diffs_accumulate``
     a second backward adds the same parameter diffs again.
 ``test_bottom_diffs_overwritten``
     bottom diffs that held garbage end up equal to a clean backward's.
+``test_backward_float32``
+    float32 bottom and parameter diffs against the float64 ones of the same
+    inputs, at ``TOLERANCES["oracle"][float32]``.
 ``test_loss_weight``
     loss layers: ``loss_weight: 3`` triples the returned loss and every
     diff.
@@ -57,7 +63,7 @@ from layer_testing import (
 )
 
 import netlite
-from netlite import io
+from netlite import backend, io
 from netlite.io import FillerParameter
 from netlite.layer import Layer, LossLayer
 
@@ -76,6 +82,10 @@ def labels(num_classes, ignore=None, every=None):
 
     return fill
 
+
+#: The engines the contract tests run on.  The GPU is left to the parity
+#: tests, whose comparisons copy to the host.
+CPU_ENGINES = ("numpy", "numba")
 
 #: (test case class, case id) -> (configured instance, layer, bottoms),
 #: the set-up :meth:`LayerTestCase.applies` decides from.
@@ -107,6 +117,10 @@ class LayerTestCase:
     kink_range = -1.0
     #: False for layers without a backward (metrics, data).
     has_backward = True
+    #: True for layers whose top diff *is* the bottom diff (an alias made in
+    #: reshape, as Flatten and Reshape do): ``propagate_down`` cannot keep
+    #: dy out of the bottom diff, so that test checks the alias instead.
+    aliases_diff = False
     #: Case id -> attribute overrides.
     cases = {"default": {}}
 
@@ -125,18 +139,35 @@ class LayerTestCase:
 
     # ------------------------------------------------------------- pytest
     def pytest_generate_tests(self, metafunc):
-        """Run every test once per case.  A test that does not apply to a
-        case (parameter tests of a layer without parameters, say) carries
-        the ``inapplicable`` mark, and conftest deselects it."""
+        """Run every test once per case, and the contract tests (those with
+        an ``engine`` argument) once per CPU engine the layer implements.
+        A test that does not apply (parameter tests of a layer without
+        parameters, the numba engine of a layer without one) carries the
+        ``inapplicable`` mark, and conftest deselects it."""
         if "case" not in metafunc.fixturenames:
             return
+        name = metafunc.function.__name__
+        if "engine" not in metafunc.fixturenames:
+            metafunc.parametrize("case", [
+                pytest.param(case, id=case, marks=self._marks(name, case))
+                for case in type(self).cases])
+            return
         params = []
-        for case in type(self).cases:
-            marks = ()
-            if not self.applies(metafunc.function.__name__, case):
-                marks = (pytest.mark.inapplicable,)
-            params.append(pytest.param(case, id=case, marks=marks))
-        metafunc.parametrize("case", params)
+        for engine in CPU_ENGINES:
+            for case in type(self).cases:
+                marks = self._marks(name, case, engine)
+                params.append(pytest.param(engine, case, marks=marks,
+                                           id=f"{engine}-{case}"))
+        metafunc.parametrize("engine, case", params)
+
+    def _marks(self, name, case, engine="numpy"):
+        applies = self.applies(name, case) and (
+            engine == "numpy" or self.applies("test_engine_parity_numba", case))
+        marks = [] if applies else [pytest.mark.inapplicable]
+        if engine == "numba":
+            marks.append(pytest.mark.skipif(not backend.numba_available(),
+                                            reason="numba missing"))
+        return marks
 
     def applies(self, test_name, case):
         """Whether the generated test ``test_name`` applies to ``case``
@@ -158,6 +189,8 @@ class LayerTestCase:
             "test_param_diffs_accumulate": backward and bool(layer.blobs),
             "test_bottom_diffs_overwritten": backward and bool(
                 probe.propagating(layer, bottom)),
+            "test_backward_float32": backward and bool(
+                probe.propagating(layer, bottom) or layer.blobs),
             "test_loss_weight": probe.is_loss(layer),
             "test_engine_parity_numba":
                 type(layer).forward_numba is not Layer.forward_numba,
@@ -225,7 +258,8 @@ class LayerTestCase:
                 [p.diff.copy() for p in layer.blobs])
 
     # -------------------------------------------------------------- tests
-    def test_forward(self, case, dtype):
+    def test_forward(self, engine, case, dtype):
+        netlite.set_cpu_engine(engine)
         self.configure(case)
         layer = self.make_layer(dtype)
         bottom, top = self.make_bottoms(dtype), self.make_tops(dtype)
@@ -261,8 +295,12 @@ class LayerTestCase:
         checker.check_gradient_exhaustive(layer, bottom, top,
                                           checked if checked else -2)
 
-    def test_propagate_down(self, case, dtype):
+    def test_propagate_down(self, engine, case, dtype):
+        netlite.set_cpu_engine(engine)
         layer, bottom, top, _ = self.setup(case, dtype)
+        if self.aliases_diff:
+            self._check_diff_alias(layer, bottom, top)
+            return
         full_bottom, full_param = self.backward(layer, bottom, top)
         wanted = self.propagating(layer, bottom)
         for i in [None, *wanted]:  # None: no bottom at all
@@ -278,19 +316,38 @@ class LayerTestCase:
                                  f"bottom[{j}] alone")
                 elif not any(b is t for t in top):
                     assert np.all(b.diff == 7), f"bottom[{j}] diff was written"
-        if layer.blobs:
-            for j in range(len(layer.blobs)):
-                layer.set_param_propagate_down(j, False)
+        # Each parameter alone, then none: the others' diffs are untouched,
+        # the bottom diffs unchanged.
+        n = len(layer.blobs)
+        for only in [*range(n), None] if n else []:
+            for j in range(n):
+                layer.set_param_propagate_down(j, j == only)
             for p in layer.blobs:
-                p.diff[...] = 7
-            diffs, _ = self.backward(layer, bottom, top)
-            for p in layer.blobs:
-                assert np.all(p.diff == 7), "a parameter diff was written"
+                p.diff[...] = 7 if only is None else 0
+            diffs, params = self.backward(layer, bottom, top)
+            for j, p in enumerate(params):
+                if j == only:
+                    assert_close(p, full_param[j], "parity", dtype,
+                                 f"param[{j}] alone")
+                else:
+                    assert np.all(p == (7 if only is None else 0)), (
+                        f"param[{j}] diff was written")
             for j, (d, f) in enumerate(zip(diffs, full_bottom)):
                 if j in wanted:
                     assert_close(d, f, "parity", dtype, f"bottom[{j}]")
 
-    def test_param_diffs_accumulate(self, case, dtype):
+    def _check_diff_alias(self, layer, bottom, top):
+        # The top's diff is the bottom's: every propagate_down pattern
+        # leaves dx = dy exactly, and backward writes nothing else.
+        assert top[0].shares_diff_with(bottom[0])
+        for flag in (False, True):
+            dx, _ = self.backward(layer, bottom, top, [flag])
+            dy = np.random.default_rng(7).standard_normal(top[0].shape)
+            np.testing.assert_array_equal(
+                dx[0], dy.astype(bottom[0].dtype).reshape(bottom[0].shape))
+
+    def test_param_diffs_accumulate(self, engine, case, dtype):
+        netlite.set_cpu_engine(engine)
         layer, bottom, top, _ = self.setup(case, dtype)
         for p in layer.blobs:
             p.diff[...] = 0
@@ -301,7 +358,8 @@ class LayerTestCase:
             assert_close(b, 2 * a.astype(np.float64), "parity", dtype,
                          f"param[{j}]")
 
-    def test_bottom_diffs_overwritten(self, case, dtype):
+    def test_bottom_diffs_overwritten(self, engine, case, dtype):
+        netlite.set_cpu_engine(engine)
         layer, bottom, top, _ = self.setup(case, dtype)
         wanted = self.propagating(layer, bottom)
         clean, _ = self.backward(layer, bottom, top)
@@ -312,7 +370,8 @@ class LayerTestCase:
         for i in wanted:
             np.testing.assert_array_equal(dirty[i], clean[i])
 
-    def test_loss_weight(self, case, dtype):
+    def test_loss_weight(self, engine, case, dtype):
+        netlite.set_cpu_engine(engine)
         layer, bottom, top, loss = self.setup(case, dtype)
         # Only the loss is weighted: the other tops' diffs are 0 here.
         one_bottom, one_param = self.backward(layer, bottom, top, seed=None)
@@ -332,6 +391,30 @@ class LayerTestCase:
         for j, (a, b) in enumerate(zip(one_param, three_param)):
             assert_close(b, 3 * a.astype(np.float64), "parity", dtype,
                          f"param[{j}]")
+
+    def test_backward_float32(self, case):
+        """float32 diffs against the float64 diffs of the same inputs (which
+        test_gradient holds to finite differences), at the float32 oracle
+        tolerance."""
+        self.configure(case)
+        runs = []
+        for dtype in (np.float32, np.float64):
+            layer = self.make_layer(dtype)
+            bottom = self.make_bottoms(np.float32)
+            if dtype == np.float64:  # the same values, widened exactly
+                bottom = [make_blob(b.shape, dtype, b.data) for b in bottom]
+            top = self.make_tops(dtype)
+            layer.setup(bottom, top)
+            if runs:  # the float32 layer's parameters, widened
+                for p, p32 in zip(layer.blobs, runs[0][0].blobs):
+                    p.data[...] = p32.data
+            netlite.set_random_seed(1701)
+            layer.forward(bottom, top)
+            runs.append((layer, self.backward(layer, bottom, top)))
+        (_, (b32, p32)), (_, (b64, p64)) = runs
+        for what, lo, hi in (("bottom", b32, b64), ("param", p32, p64)):
+            for j, (x, y) in enumerate(zip(lo, hi)):
+                assert_close(x, y, "oracle", np.float32, f"{what}[{j}]")
 
     @requires_numba()
     def test_engine_parity_numba(self, case, dtype):

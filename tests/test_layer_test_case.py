@@ -83,6 +83,19 @@ class OverwritesParamDiff(ChannelScale):
         super().backward_cpu(top, propagate_down, bottom)
 
 
+class WrongInFloat32(ChannelScale):
+    def backward_cpu(self, top, propagate_down, bottom):
+        super().backward_cpu(top, propagate_down, bottom)
+        if self.dtype == np.float32:
+            self.blobs[0].diff[0] += 1e-3
+
+
+class IgnoresOneParamFlag(ChannelScale):
+    def backward_cpu(self, top, propagate_down, bottom):
+        self.param_propagate_down = [True]
+        super().backward_cpu(top, propagate_down, bottom)
+
+
 class IgnoresLossWeight(SquareLoss):
     def backward_cpu(self, top, propagate_down, bottom):
         if propagate_down[0]:
@@ -112,14 +125,15 @@ def _run(case_class, test, layer_class=None, monkeypatch=None):
         monkeypatch.setattr(case, "make_layer", lambda dtype, extra="": (
             layer_class(f'name: "layer" {case.layer} {extra}', dtype=dtype)))
     method = getattr(case, test)
-    if "dtype" in method.__code__.co_varnames[:method.__code__.co_argcount]:
-        method("default", np.dtype(np.float64))
-    else:
-        method("default")
+    args = method.__code__.co_varnames[1:method.__code__.co_argcount]
+    values = {"engine": "numpy", "case": "default",
+              "dtype": np.dtype(np.float64)}
+    method(*[values[a] for a in args])
 
 
 GENERATED = ["test_forward", "test_gradient", "test_propagate_down",
-             "test_param_diffs_accumulate", "test_bottom_diffs_overwritten"]
+             "test_param_diffs_accumulate", "test_bottom_diffs_overwritten",
+             "test_backward_float32"]
 
 
 @pytest.mark.parametrize("test", GENERATED)
@@ -139,6 +153,8 @@ def test_a_correct_loss_passes(test):
     (IgnoresPropagateDown, "test_propagate_down"),
     (AccumulatesBottomDiff, "test_bottom_diffs_overwritten"),
     (OverwritesParamDiff, "test_param_diffs_accumulate"),
+    (WrongInFloat32, "test_backward_float32"),
+    (IgnoresOneParamFlag, "test_propagate_down"),
 ])
 def test_each_planted_bug_is_caught(layer_class, test, monkeypatch):
     with pytest.raises(AssertionError):

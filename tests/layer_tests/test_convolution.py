@@ -1,17 +1,91 @@
 """Convolution: ports of Caffe's test_convolution_layer.cpp (the 15
 non-cuDNN tests), with the dilated tests' unfilled (all-zero) bottoms
-fixed, plus ``axis``, 1-D input, accumulation rules, parameter errors and
-numba-vs-numpy parity."""
+fixed; the standard tests of the harness over the layer's parameters
+(groups, padding, strides, dilation, rectangular kernels, 0-D to 3-D,
+the channel axis, several bottoms, no bias); then the Numba engine's
+column reuse, the loss weight, parameter errors and reshapes."""
 
-import itertools
-
+import naive
 import numpy as np
 import pytest
-from layer_testing import PARITY_TOL, filler, make_blob, requires_numba, run_engine
+from layer_test_case import LayerTestCase
+from layer_testing import (
+    assert_close,
+    filler,
+    make_blob,
+    requires_numba,
+    run_engine,
+    tolerance,
+)
 
 import netlite
 from netlite import Blob, GradientChecker, LayerSetupError, ShapeError
 from netlite.layers.convolution import ConvolutionLayer
+
+
+class TestConvolutionLayer(LayerTestCase):
+    """The standard tests, with Gaussian weights and bias, for every
+    geometry the layer supports; the Numba engine's parity runs on each
+    (2-D kernels; 0-D and 1-D through unit axes; 3-D and
+    ``force_nd_im2col`` through the reference).  ``weights_only`` asks for
+    no bottom diff (``grad_bottoms = []``): the parity then covers the
+    Numba backward that computes the parameter diffs alone.  The forward
+    and contract tests run on both engines."""
+
+    shape, num_output, kernel = (2, 3, 5, 4), 2, (3, 3)
+    stride = pad = dilation = None
+    group, bias, axis, hw, extra = 1, True, 1, False, ""
+    cases = {
+        "default": {"stride": (2, 2)},
+        "two_bottoms": {"shape": (1, 2, 4, 3), "kernel": (2, 2), "tops": 2},
+        "no_bias": {"shape": (2, 3, 4, 4), "bias": False},
+        "rect_dilated_group": {"shape": (1, 2, 5, 4), "group": 2,
+                               "kernel": (3, 2), "stride": (2, 1), "pad": (2, 1),
+                               "dilation": (2, 3), "hw": True},
+        "group": {"shape": (1, 3, 4, 3), "num_output": 3, "group": 3,
+                  "kernel": (2, 2), "stride": (2, 2), "pad": (1, 1)},
+        "1x1": {"shape": (2, 3, 3, 2), "kernel": (1, 1)},
+        "pad_exceeds_kernel": {"shape": (1, 2, 3, 4), "kernel": (2, 2),
+                               "stride": (2, 2), "pad": (3, 3)},
+        "0d": {"shape": (2, 3, 4), "num_output": 3, "kernel": (), "axis": 2},
+        "1d": {"shape": (2, 3, 9), "kernel": (3,), "stride": (2,), "pad": (1,),
+               "dilation": (2,)},
+        "3d": {"shape": (1, 2, 4, 3, 3), "kernel": (2, 2, 2), "stride": (2, 2, 2),
+               "pad": (1, 1, 1)},
+        "axis2": {"shape": (1, 2, 2, 4, 3), "axis": 2, "stride": (2, 2),
+                  "pad": (1, 1)},
+        "axis_neg": {"shape": (2, 2, 3, 5), "axis": -2, "kernel": (2,)},
+        "force_nd": {"shape": (1, 2, 4, 4), "extra": "force_nd_im2col: true"},
+        "weights_only": {"stride": (2, 2), "tops": 2, "grad_bottoms": []},
+    }
+
+    @property
+    def layer(self):
+        fields = [f"num_output: {self.num_output}", f"group: {self.group}",
+                  f"axis: {self.axis}", f"bias_term: {str(self.bias).lower()}",
+                  self.extra]
+        for name, values in (("kernel", self.kernel), ("stride", self.stride),
+                             ("pad", self.pad), ("dilation", self.dilation)):
+            if values is None:
+                continue
+            if self.hw and name != "dilation":
+                fields.append(f"{name}_h: {values[0]} {name}_w: {values[1]}")
+            else:
+                key = "kernel_size" if name == "kernel" else name
+                fields.extend(f"{key}: {v}" for v in values)
+        return ('type: "Convolution" convolution_param { ' + " ".join(fields)
+                + ' weight_filler { type: "gaussian" }'
+                ' bias_filler { type: "gaussian" } }')
+
+    @property
+    def bottoms(self):
+        return [(self.shape, filler("gaussian"))] * self.tops
+
+    def oracle(self, bottoms, blobs):
+        bias = blobs[1] if self.bias else None
+        return [naive.convolution(x, blobs[0], bias, self.stride, self.pad,
+                                  self.dilation, self.group, self.axis)
+                for x in bottoms]
 
 REPEATED = ("kernel_size", "stride", "pad", "dilation")
 
@@ -44,42 +118,14 @@ def spatial(layer, name, default):
     return tuple(values) if len(values) == n else ((values or [default])[0],) * n
 
 
-def naive_conv(x, weight, bias, stride, pad, dilation, group):
-    """Caffe's ``caffe_conv`` for any number of spatial axes: explicit loops
-    over images, groups, output and input channels, output positions and
-    kernel taps, in float64."""
-    x, weight = np.asarray(x, np.float64), np.asarray(weight, np.float64)
-    n_img, channels, *in_shape = x.shape
-    n_out, _, *kernel = weight.shape
-    d = len(in_shape)
-    out_shape = [
-        (in_shape[i] + 2 * pad[i] - (dilation[i] * (kernel[i] - 1) + 1))
-        // stride[i] + 1
-        for i in range(d)
-    ]
-    y = np.zeros([n_img, n_out] + out_shape)
-    o_g, k_g = n_out // group, channels // group
-    for n, g, o, k in itertools.product(range(n_img), range(group), range(o_g),
-                                        range(k_g)):
-        for q in itertools.product(*map(range, out_shape)):
-            for r in itertools.product(*map(range, kernel)):
-                pos = tuple(q[i] * stride[i] - pad[i] + r[i] * dilation[i]
-                            for i in range(d))
-                if all(0 <= pos[i] < in_shape[i] for i in range(d)):
-                    y[(n, g * o_g + o) + q] += (
-                        x[(n, g * k_g + k) + pos] * weight[(g * o_g + o, k) + r]
-                    )
-    if bias is not None:
-        y += np.asarray(bias, np.float64).reshape((1, -1) + (1,) * d)
-    return y
-
-
 def reference_top(layer, bottom):
-    """``naive_conv`` with ``layer``'s parameters and weights."""
+    """Caffe's ``caffe_conv`` (``naive.convolution``, float64) with
+    ``layer``'s parameters and weights."""
     bias = layer.blobs[1].data if layer.bias_term else None
-    return naive_conv(bottom.data, layer.blobs[0].data, bias,
-                      spatial(layer, "stride", 1), spatial(layer, "pad", 0),
-                      spatial(layer, "dilation", 1), layer.group)
+    return naive.convolution(bottom.data.astype(np.float64),
+                             layer.blobs[0].data.astype(np.float64), bias,
+                             spatial(layer, "stride", 1), spatial(layer, "pad", 0),
+                             spatial(layer, "dilation", 1), layer.group)
 
 
 def assert_near(actual, expected, tol=1e-4):
@@ -88,14 +134,12 @@ def assert_near(actual, expected, tol=1e-4):
 
 
 def assert_parity(actual, desired, dtype):
-    """Engine agreement within PARITY_TOL, its absolute part scaled by the
-    largest magnitude: a sum of K products cancels to values near 0 whose
-    rounding error still scales with the size of the terms (~eps * sqrt(K)
-    times their magnitude), not with the result."""
-    tol = PARITY_TOL[np.dtype(dtype)]
-    scale = max(1.0, float(np.abs(desired).max(initial=0.0)))
-    np.testing.assert_allclose(actual, desired, rtol=tol["rtol"],
-                               atol=tol["atol"] * scale)
+    """Engine agreement within the parity tolerance, its absolute part
+    scaled by the largest magnitude (``assert_close``): a sum of K products
+    cancels to values near 0 whose rounding error still scales with the
+    size of the terms (~eps * sqrt(K) times their magnitude), not with the
+    result."""
+    assert_close(actual, desired, "parity", dtype)
 
 
 @pytest.fixture
@@ -262,102 +306,7 @@ def test_gradient(case, bottoms, dtype):
 
 
 # ------------------------------------------------------ beyond Caffe's tests
-@pytest.mark.parametrize("engine", ["numpy", pytest.param("numba",
-                                                          marks=requires_numba())])
-def test_padded_strided_dilated_rect_group(dtype, engine):
-    netlite.set_cpu_engine(engine)
-    bottom = make_blob((2, 4, 9, 8), dtype, filler("gaussian"))
-    layer = conv_layer(6, "gaussian", "gaussian", kernel_h=3, kernel_w=2,
-                       stride_h=2, stride_w=1, pad_h=2, pad_w=1, dilation=[2, 3],
-                       group=2)
-    top = Blob(dtype=dtype)
-    layer.setup([bottom], [top])
-    layer.forward([bottom], [top])
-    expected = naive_conv(bottom.data, layer.blobs[0].data, layer.blobs[1].data,
-                          (2, 1), (2, 1), (2, 3), 2)
-    assert top.shape == expected.shape == (2, 6, 5, 7)
-    assert_near(top.data, expected)
-
-
-def test_axis_with_two_batch_axes(dtype):
-    # Channel axis 2: axes 0 and 1 are batch axes, the rest spatial.
-    bottom = make_blob((2, 3, 4, 6, 5), dtype, filler("gaussian"))
-    layer = conv_layer(2, "gaussian", "gaussian", kernel_size=3, pad=1, axis=2)
-    top = Blob(dtype=dtype)
-    layer.setup([bottom], [top])
-    assert layer.blobs[0].shape == (2, 4, 3, 3)
-    assert top.shape == (2, 3, 2, 6, 5)
-    layer.forward([bottom], [top])
-    expected = naive_conv(bottom.data.reshape(6, 4, 6, 5), layer.blobs[0].data,
-                          layer.blobs[1].data, (1, 1), (1, 1), (1, 1), 1)
-    assert_near(top.data.reshape(expected.shape), expected)
-
-
-def test_axis_gradient(dtype):
-    bottom = make_blob((2, 2, 3, 5), dtype, filler("gaussian"))
-    layer = conv_layer(2, "gaussian", "gaussian", kernel_size=2, axis=-2)
-    GradientChecker(1e-2, 1e-3).check_gradient_exhaustive(
-        layer, [bottom], [Blob(dtype=dtype)]
-    )
-
-
-def test_1d_convolution_gradient(dtype):
-    bottom = make_blob((2, 3, 9), dtype, filler("gaussian"))
-    layer = conv_layer(2, "gaussian", "gaussian", kernel_size=3, stride=2, pad=1,
-                       dilation=2)
-    top = Blob(dtype=dtype)
-    GradientChecker(1e-2, 1e-3).check_gradient_exhaustive(layer, [bottom], [top])
-    assert_near(top.data, reference_top(layer, bottom))
-
-
-def test_padded_gradient(dtype):
-    bottom = make_blob((2, 2, 4, 3), dtype, filler("gaussian"))
-    layer = conv_layer(2, "gaussian", "gaussian", kernel_size=3, stride=2, pad=2)
-    GradientChecker(1e-2, 1e-3).check_gradient_exhaustive(
-        layer, [bottom], [Blob(dtype=dtype)]
-    )
-
-
 ENGINES = ["numpy", pytest.param("numba", marks=requires_numba())]
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-def test_param_diffs_accumulate_and_bottom_diff_is_overwritten(bottoms, dtype,
-                                                               engine):
-    netlite.set_cpu_engine(engine)
-    layer = conv_layer(4, "gaussian", "gaussian", kernel_size=3, stride=2)
-    tops = tops_for(bottoms, dtype)
-    layer.setup(bottoms, tops)
-    layer.forward(bottoms, tops)
-    gen = np.random.default_rng(3)
-    for t in tops:
-        t.diff[...] = gen.standard_normal(t.shape)
-
-    def backward_of(index):
-        """Parameter and bottom diffs from top/bottom pair ``index`` alone."""
-        layer.reshape([bottoms[index]], [tops[index]])
-        for p in layer.blobs:
-            p.diff[...] = 0
-        layer.backward([tops[index]], [True], [bottoms[index]])
-        return [p.diff.copy() for p in layer.blobs], bottoms[index].diff.copy()
-
-    (w0, b0), dx0 = backward_of(0)
-    (w1, b1), dx1 = backward_of(1)
-    layer.reshape(bottoms, tops)
-    for p in layer.blobs:
-        p.diff[...] = 0
-    for b in bottoms:
-        b.diff[...] = 123.0  # must be overwritten, not added to
-    layer.backward(tops, [True, True], bottoms)
-    assert_parity(layer.blobs[0].diff, w0 + w1, dtype)
-    assert_parity(layer.blobs[1].diff, b0 + b1, dtype)
-    assert_parity(bottoms[0].diff, dx0, dtype)
-    assert_parity(bottoms[1].diff, dx1, dtype)
-    # A second backward adds the same amount again to the parameters only.
-    layer.backward(tops, [True, True], bottoms)
-    assert_parity(layer.blobs[0].diff, 2 * (w0 + w1), dtype)
-    assert_parity(layer.blobs[1].diff, 2 * (b0 + b1), dtype)
-    assert_parity(bottoms[0].diff, dx0, dtype)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -375,7 +324,8 @@ def test_propagate_down_flags(bottoms, dtype, engine):
     bottoms[0].diff[...] = 7
     layer.backward(tops, [False, True], bottoms)
     np.testing.assert_array_equal(layer.blobs[0].diff, 5)
-    np.testing.assert_allclose(layer.blobs[1].diff, 2 * 2 * 4 * 2)  # N*OH*OW*2
+    # A sum of ones, N * OH * OW per top times 2 tops: exact in both dtypes.
+    np.testing.assert_array_equal(layer.blobs[1].diff, 2 * 2 * 4 * 2)
     np.testing.assert_array_equal(bottoms[0].diff, 7)
     assert np.abs(bottoms[1].diff).max() > 0
 
@@ -403,7 +353,10 @@ def test_loss_weight_returns_weighted_sum(bottoms, dtype):
     top = Blob(dtype=dtype)
     layer.setup(bottoms[:1], [top])
     loss = layer.forward(bottoms[:1], [top])
-    assert loss == pytest.approx(2 * float(top.data.sum()), rel=1e-5, abs=1e-5)
+    # The layer's dot product runs in its dtype; the sum here in float64.
+    expected = 2 * float(np.sum(top.data, dtype=np.float64))
+    tol = tolerance("oracle", dtype)
+    assert loss == pytest.approx(expected, rel=tol["rtol"], abs=tol["atol"])
 
 
 @pytest.mark.parametrize(
@@ -476,57 +429,10 @@ def test_forward_follows_bottom_reshape(bottoms, dtype):
     refill(bottoms[:1], (3, 3, 5, 7))
     layer.forward(bottoms[:1], [top])
     assert top.shape == (3, 2, 5, 7)
-    assert_near(top.data, reference_top(layer, bottoms[0]))
+    assert_close(top.data, reference_top(layer, bottoms[0]), "oracle", dtype)
 
 
-# -------------------------------------------------------- numba parity
-PARITY_CASES = {
-    # name: (bottom shape, number of bottoms, fields)
-    "lenet_conv1": ((3, 1, 12, 12), 1, {"kernel_size": 5}),
-    "lenet_conv2": ((3, 4, 8, 8), 1, {"kernel_size": 5}),
-    "two_bottoms": ((2, 3, 6, 4), 2, {"kernel_size": 3, "stride": 2}),
-    "group_stride_pad": ((2, 6, 7, 6), 1, {"kernel_size": 3, "stride": 2,
-                                           "pad": 1, "group": 3}),
-    "dilation_rect": ((2, 3, 9, 8), 1, {"kernel_h": 3, "kernel_w": 2,
-                                        "dilation": [2, 3], "pad_h": 2,
-                                        "pad_w": 0, "stride_w": 2,
-                                        "stride_h": 1}),
-    "pad_exceeds_kernel": ((1, 2, 3, 4), 1, {"kernel_size": 2, "pad": 3,
-                                             "stride": 2}),
-    "1x1": ((2, 3, 5, 4), 1, {"kernel_size": 1}),
-    "no_bias": ((2, 3, 6, 5), 1, {"kernel_size": 3, "bias_term": False}),
-    "0d": ((2, 3, 4), 1, {"axis": 2}),
-    "1d": ((2, 3, 11), 1, {"kernel_size": 3, "stride": 2, "pad": 1,
-                           "dilation": 2}),
-    "3d_fallback": ((2, 2, 4, 5, 3), 1, {"kernel_size": 2, "pad": 1}),
-    "axis2": ((2, 2, 3, 6, 5), 1, {"kernel_size": 3, "axis": 2}),
-}
-
-
-@requires_numba()
-@pytest.mark.parametrize("case", sorted(PARITY_CASES))
-@pytest.mark.parametrize("propagate", [True, False])
-def test_numba_matches_numpy(case, propagate, dtype):
-    shape, count, fields = PARITY_CASES[case]
-    num_output = 6 if fields.get("group") else 4
-    gen = np.random.default_rng(11)
-    xs = [gen.standard_normal(shape) for _ in range(count)]
-
-    def factory():
-        layer = conv_layer(num_output, "gaussian", "gaussian", **fields)
-        layer.exact_num_top_blobs = count
-        return layer
-
-    probe = factory()
-    tops = tops_for(xs, dtype)
-    probe.setup([make_blob(shape, dtype, x) for x in xs], tops)
-    dys = [gen.standard_normal(t.shape) for t in tops]
-    pd = [propagate] * count
-    ref = run_engine("numpy", factory, xs, dys, propagate_down=pd, dtype=dtype)
-    got = run_engine("numba", factory, xs, dys, propagate_down=pd, dtype=dtype)
-    assert len(got[0]) == count and len(got[2]) == len(probe.blobs)
-    for a, b in zip(sum(ref, []), sum(got, [])):
-        assert_parity(b, a, dtype)
+# -------------------------------------------------------------- numba
 
 
 @requires_numba()

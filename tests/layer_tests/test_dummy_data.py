@@ -6,11 +6,63 @@ are filled once and never change, random tops are refilled at every forward
 (and are reproducible under a fixed seed).
 """
 
+import naive
 import numpy as np
 import pytest
+from layer_test_case import LayerTestCase
+from layer_testing import tolerance
 
 import netlite
 from netlite.layers.dummy_data import DummyDataLayer
+
+_LEGACY_FIELDS = ("num", "channels", "height", "width")
+
+
+class TestDummyDataLayer(LayerTestCase):
+    """The standard forward test for the fillers whose values an oracle can
+    state: ``constant`` (filled once, at setup) and ``bilinear`` (not
+    constant, so refilled at every forward, but deterministic).  Covers
+    ``shape`` once and per top (a scalar included), the legacy 4-D fields
+    once and per top, and no, one shared or one per-top filler.  No bottoms
+    and no backward; the random fillers are tested below."""
+
+    bottoms = []
+    has_backward = False
+    tops = 3
+    shapes = [(2, 3)]
+    legacy = {}
+    fillers = []
+    cases = {
+        "zeros": {},
+        "shared_constant": {"tops": 2, "fillers": [("constant", 0.1)]},
+        "per_top": {"shapes": [(2, 3), (2, 1, 3, 3), ()],
+                    "fillers": [("constant", 7.0), ("bilinear",),
+                                ("constant", -2.5)]},
+        "shared_bilinear": {"tops": 2, "shapes": [(1, 2, 4, 4), (3, 1, 5, 5)],
+                            "fillers": [("bilinear",)]},
+        # Caffe's TestTwoTopConstant: channels and width given once.
+        "legacy": {"tops": 2, "shapes": [],
+                   "legacy": {"num": [5, 5], "channels": [3],
+                              "height": [2, 1], "width": [4]},
+                   "fillers": [("constant", 7.0)]},
+    }
+
+    @property
+    def layer(self):
+        parts = ["shape { " + " ".join(f"dim: {d}" for d in s) + " }"
+                 for s in self.shapes]
+        for field in _LEGACY_FIELDS:
+            parts += [f"{field}: {v}" for v in self.legacy.get(field, ())]
+        for kind in self.fillers:
+            parts.append(f"data_filler {{ value: {kind[1]} }}" if kind[0] == "constant"
+                         else f'data_filler {{ type: "{kind[0]}" }}')
+        return f'type: "DummyData" dummy_data_param {{ {" ".join(parts)} }}'
+
+    def oracle(self, bottoms, blobs):
+        # A filler's value is a float in the prototxt: float32 in every dtype.
+        fillers = [(k[0], float(np.float32(k[1]))) if k[0] == "constant" else k
+                   for k in self.fillers]
+        return naive.dummy_data(self.tops, self.shapes, fillers, **self.legacy)
 
 
 def _tops(dtype, n=3):
@@ -68,6 +120,8 @@ def test_three_top_constant_gaussian_constant(dtype):
     assert np.all(b.data == 0)
     layer.forward([], tops)
     assert np.all(a.data == 7) and np.all(c.data == 9)
+    # 10 sigma: a bound on the draws, not on rounding, so the same in both
+    # dtypes.
     np.testing.assert_allclose(b.data, 3.0, rtol=0, atol=0.01 * 10)
     first = b.data.copy()
     layer.forward([], tops)
@@ -79,26 +133,6 @@ def test_three_top_constant_gaussian_constant(dtype):
 
 
 # ------------------------------------------------------------ beyond Caffe
-def test_shape_once_for_all_tops(dtype):
-    layer = DummyDataLayer("dummy_data_param { shape { dim: 2 dim: 3 } }")
-    tops = _tops(dtype)
-    layer.setup([], tops)
-    assert [t.shape for t in tops] == [(2, 3)] * 3
-    assert all(np.all(t.data == 0) for t in tops)
-    assert all(t.dtype == dtype for t in tops)
-
-
-def test_shape_per_top(dtype):
-    layer = DummyDataLayer(
-        """dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 4 }
-                              shape { } }"""
-    )
-    tops = _tops(dtype)
-    layer.setup([], tops)
-    assert [t.shape for t in tops] == [(2, 3), (4,), ()]
-    assert tops[2].count == 1
-
-
 def test_shared_random_filler_refills_every_top(dtype):
     layer = DummyDataLayer(
         """dummy_data_param { shape { dim: 50 }
@@ -157,7 +191,9 @@ def test_reshape_keeps_the_declared_shape(dtype):
     top.reshape((5,))
     layer.reshape([], [top])
     assert top.shape == (5,)  # reshape does nothing, as in Caffe
-    layer.backward([top], [], [])
+    top.diff[...] = 3.0
+    layer.backward([top], [], [])  # no bottoms: nothing to do, nothing touched
+    assert np.all(top.data == 0) and np.all(top.diff == 3.0)
 
 
 @pytest.mark.parametrize(
@@ -204,6 +240,8 @@ def test_in_a_net(dtype):
         net.forward()
         x, t = net.blobs["x"].data, net.blobs["t"].data
         assert np.all(t == 0.5)
-        assert net.loss == pytest.approx(np.sum((x - t) ** 2) / 8, rel=1e-5)
+        tol = tolerance("oracle", dtype)
+        expected = np.sum((x.astype(np.float64) - t) ** 2) / 8
+        assert net.loss == pytest.approx(expected, rel=tol["rtol"], abs=tol["atol"])
         losses.append(net.loss)
     assert losses[0] != losses[1]

@@ -176,6 +176,25 @@ def test_shuffle_reproducible_and_new_each_epoch(idx_files):
     assert not np.array_equal(other[0][1], run[0][1])
 
 
+def test_shuffled_batch_straddling_two_epochs(idx_files):
+    # Batch 3 (batch_size 4 of 10 samples) ends the first epoch's order and
+    # starts the next one, which is drawn at the wrap.
+    images_path, labels_path, images, labels = idx_files
+    netlite.set_random_seed(7)
+    layer, top = _setup(_param(images_path, labels_path, batch_size=4,
+                               extra="shuffle: true"))
+    first = layer.permutation.copy()
+    batches = _batches(layer, top, 3)
+    second = layer.permutation
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(
+        np.concatenate([batches[0][1], batches[1][1]]), labels[first[:8]])
+    index = np.concatenate([first[8:], second[:2]])
+    np.testing.assert_array_equal(batches[2][1], labels[index])
+    np.testing.assert_array_equal(batches[2][0][:, 0], images[index])
+    assert (layer.epoch, layer.cursor) == (1, 2)
+
+
 # --------------------------------------------------------- crop and mirror
 def test_crop_centre_in_test_random_in_train(idx_files, dtype):
     images_path, labels_path, images, _ = idx_files

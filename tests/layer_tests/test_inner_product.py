@@ -1,15 +1,61 @@
-"""InnerProduct: ports of Caffe's test_inner_product_layer.cpp, plus
-shape-mismatch errors, ``axis`` other than 1, parameter-diff accumulation
-and a PyTorch cross-check."""
+"""InnerProduct: the standard tests (LayerTestCase) for every axis, with and
+without transpose and bias; ports of Caffe's test_inner_product_layer.cpp;
+then the closed-form backward, shape-mismatch errors, stored weights and a
+PyTorch cross-check."""
 
+import naive
 import numpy as np
 import pytest
-from layer_testing import filler, make_blob
+from layer_test_case import LayerTestCase
+from layer_testing import assert_close, filler, make_blob
 
 import netlite
 from netlite import Blob, GradientChecker, LayerSetupError, ShapeError
 from netlite.errors import WeightsFileError
 from netlite.layers.inner_product import InnerProductLayer
+
+
+class TestInnerProductLayer(LayerTestCase):
+    """The standard tests: forward against ``naive.inner_product`` and the
+    exhaustive float64 gradient (bottom, weights and bias), propagate_down,
+    accumulated parameter diffs, overwritten bottom diff.  The layer is
+    linear in each input: no kink."""
+
+    shape, axis, num_output, transpose, bias_term = (2, 3, 2, 2), 1, 3, False, True
+    cases = {
+        "default": {},
+        "transpose": {"transpose": True},
+        "no_bias": {"bias_term": False},
+        "no_bias_transpose": {"bias_term": False, "transpose": True},
+        "axis_2": {"axis": 2},
+        "axis_2_transpose": {"axis": 2, "transpose": True},
+        "axis_last": {"axis": -1},
+        "axis_0": {"axis": 0, "num_output": 2},
+        "axis_neg_3": {"axis": -3, "transpose": True},
+    }
+
+    @property
+    def layer(self):
+        return (
+            'type: "InnerProduct" inner_product_param { '
+            f"num_output: {self.num_output} axis: {self.axis} "
+            f"transpose: {str(self.transpose).lower()} "
+            f"bias_term: {str(self.bias_term).lower()} "
+            'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }'
+        )
+
+    @property
+    def bottoms(self):
+        return [(self.shape, filler("gaussian"))]
+
+    def oracle(self, bottoms, blobs):
+        # The blob layout of section 1: [W] or [W, b], W (N, K) or (K, N).
+        w, b = blobs if self.bias_term else (*blobs, None)
+        axis = self.axis % len(self.shape)
+        k = int(np.prod(self.shape[axis:]))
+        n = self.num_output
+        assert w.shape == ((k, n) if self.transpose else (n, k))
+        return [naive.inner_product(bottoms[0], w, b, axis, self.transpose)]
 
 
 def ip_layer(num_output=10, transpose=None, weight=None, bias=None, **fields):
@@ -171,64 +217,11 @@ def test_num_output_required(bottom, dtype, num_output):
         InnerProductLayer(param).setup([bottom], [Blob(dtype=dtype)])
 
 
-def test_forward_matches_definition(bottom, dtype):
-    top = Blob(dtype=dtype)
-    layer = ip_layer(**gaussian_fillers())
-    layer.setup([bottom], [top])
-    layer.forward([bottom], [top])
-    x = bottom.data.reshape(2, 60).astype(np.float64)
-    w = layer.blobs[0].data.astype(np.float64)
-    b = layer.blobs[1].data.astype(np.float64)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(top.data, x @ w.T + b, rtol=tol, atol=tol)
-
-
-def test_no_bias_term(bottom, dtype):
-    top = Blob(dtype=dtype)
-    layer = ip_layer(weight="gaussian", bias_term=False)
-    layer.setup([bottom], [top])
-    assert len(layer.blobs) == 1
-    layer.forward([bottom], [top])
-    expected = bottom.data.reshape(2, 60) @ layer.blobs[0].data.T
-    np.testing.assert_allclose(top.data, expected, rtol=1e-5)
-    GradientChecker(1e-2, 1e-3).check_gradient_exhaustive(layer, [bottom], [top])
-
-
 def test_missing_fillers_start_at_zero(bottom, dtype):
     top = Blob(dtype=dtype)
     layer = ip_layer()
     layer.setup([bottom], [top])
     assert not layer.blobs[0].data.any() and not layer.blobs[1].data.any()
-
-
-@pytest.mark.parametrize(
-    "axis, top_shape, k",
-    [(2, (2, 3, 7), 20), (-1, (2, 3, 4, 7), 5), (0, (7,), 120), (-3, (2, 7), 60)],
-)
-def test_axis(dtype, axis, top_shape, k):
-    bottom = make_blob((2, 3, 4, 5), dtype, filler("gaussian"))
-    top = Blob(dtype=dtype)
-    layer = ip_layer(num_output=7, axis=axis, **gaussian_fillers())
-    layer.setup([bottom], [top])
-    assert top.shape == top_shape
-    assert layer.blobs[0].shape == (7, k)
-    layer.forward([bottom], [top])
-    m = bottom.count // k
-    x = bottom.data.reshape(m, k).astype(np.float64)
-    expected = x @ layer.blobs[0].data.T.astype(np.float64) + layer.blobs[1].data
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_allclose(
-        top.data, expected.reshape(top_shape), rtol=tol, atol=tol
-    )
-
-
-@pytest.mark.parametrize("transpose", [False, True])
-def test_gradient_axis_2(dtype, transpose):
-    bottom = make_blob((2, 3, 2, 2), dtype, filler("gaussian"))
-    layer = ip_layer(num_output=3, axis=2, transpose=transpose, **gaussian_fillers())
-    top = Blob(dtype=dtype)
-    GradientChecker(1e-2, 1e-3).check_gradient_exhaustive(layer, [bottom], [top])
-    assert top.shape == (2, 3, 3)
 
 
 def test_reshape_input_size_mismatch(bottom, dtype):
@@ -280,9 +273,9 @@ def test_weights_from_layer_param_are_used(bottom, dtype, transpose):
     np.testing.assert_array_equal(layer.blobs[0].data, w)
     np.testing.assert_array_equal(layer.blobs[1].data, b)
     layer.forward([bottom], [top])
-    wt = w if transpose else w.T
-    np.testing.assert_allclose(top.data, bottom.data.reshape(2, 60) @ wt + b,
-                               rtol=1e-5, atol=1e-5)
+    wt = (w if transpose else w.T).astype(np.float64)
+    x = bottom.data.reshape(2, 60).astype(np.float64)
+    assert_close(top.data, x @ wt + b, "oracle", dtype)
 
 
 def test_weights_from_layer_param_legacy_4d_shape(bottom, dtype):
@@ -352,31 +345,23 @@ def test_in_place_is_rejected(dtype):
 
 
 @pytest.mark.parametrize("transpose", [False, True])
-def test_param_diffs_accumulate_bottom_diff_overwritten(bottom, dtype, transpose):
+def test_backward_closed_form(bottom, dtype, transpose):
+    # Section 3: dW = G^T X (transpose: X^T G), db = G^T 1, dX = G W
+    # (transpose: G W^T), against float64 products of the same values.
     top = Blob(dtype=dtype)
     layer = ip_layer(transpose=transpose, **gaussian_fillers())
     layer.setup([bottom], [top])
     layer.forward([bottom], [top])
     top.diff[...] = make_blob(top.shape, dtype, filler("gaussian")).data
-    bottom.diff[...] = 123.0  # stale; must be overwritten
     layer.backward([top], [True], [bottom])
-    once = [b.diff.copy() for b in layer.blobs]
-    dx = bottom.diff.copy()
-    layer.backward([top], [True], [bottom])
-    for blob, first in zip(layer.blobs, once):
-        assert np.any(first != 0)
-        np.testing.assert_allclose(blob.diff, 2 * first, rtol=1e-6)
-    np.testing.assert_array_equal(bottom.diff, dx)
-    # And the values are the textbook ones.
     dy = top.diff.astype(np.float64)
     x = bottom.data.reshape(2, 60).astype(np.float64)
     w = layer.blobs[0].data.astype(np.float64)
     dw = dy.T @ x
-    np.testing.assert_allclose(once[0], dw.T if transpose else dw, rtol=1e-5,
-                               atol=1e-5)
-    np.testing.assert_allclose(once[1], dy.sum(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx.reshape(2, 60), dy @ (w.T if transpose else w),
-                               rtol=1e-5, atol=1e-5)
+    assert_close(layer.blobs[0].diff, dw.T if transpose else dw, "oracle", dtype)
+    assert_close(layer.blobs[1].diff, dy.sum(0), "oracle", dtype)
+    assert_close(bottom.diff.reshape(2, 60), dy @ (w.T if transpose else w),
+                 "oracle", dtype)
 
 
 def test_propagate_down_flags(bottom, dtype):

@@ -639,31 +639,6 @@ def test_numba_strategy_choice(dtype, monkeypatch, shape, ntops, keep, expected)
 
 
 @requires_numba()
-@pytest.mark.parametrize("forward, later", [("numba", "numpy"), ("numpy", "numba")])
-@pytest.mark.parametrize("ntops", [1, 2])
-def test_backward_follows_the_forward_engine(dtype, forward, later, ntops,
-                                             numba_strategy):
-    # The engine switched between a forward and its backward: the backward
-    # still runs (and is exact) on the forward's engine.
-    shape, text = (6, 9, 5), "loss_param { ignore_label: 2 }"
-    x, labels, dy1 = _parity_inputs(shape, text, dtype)
-    ref = _run(forward, shape, text, ntops, x, labels, dy1, dtype)
-    backend.set_cpu_engine(forward)
-    data, label = make_blob(shape, dtype, x), make_blob(labels.shape, dtype, labels)
-    top = [netlite.Blob(dtype=dtype) for _ in range(ntops)]
-    layer = _layer(text)
-    layer.setup([data, label], top)
-    layer.forward([data, label], top)
-    top[0].diff[...] = 2.5
-    if ntops > 1:
-        top[1].diff = dy1
-    backend.set_cpu_engine(later)
-    layer.backward(top, [True, False], [data, label])
-    assert layer.engine == forward
-    np.testing.assert_array_equal(data.diff, ref[1])
-
-
-@requires_numba()
 @pytest.mark.parametrize("shape", [(5, 3000), (3, 4, 5)])
 def test_numba_errors_match_numpy(dtype, shape, numba_strategy):
     lshape = (shape[0],) + shape[2:]
