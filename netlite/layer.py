@@ -183,7 +183,9 @@ class Layer:
         source = bottom[0] if bottom else (top[0] if top else None)
         if source is not None:
             self.dtype, self.device, self.xp = source.dtype, source.device, source.xp
-        self._reshaped_for = None  # a new setup invalidates cached_reshape
+        # A new setup starts afresh: no cached reshape, no engine state.
+        self._reshaped_for = None
+        self._adapters = {}
         if self.layer_param.blobs and not self.blobs:
             self.blobs = [
                 Blob(dtype=self.dtype, device=self.device).from_proto(p)
