@@ -21,8 +21,9 @@ def undefined_softmax_message(layer, loss, scores, codes, axis):
         The non-finite loss.
     scores : Blob
         ``bottom[0]``, viewed as ``(outer, C, inner)`` around ``axis``.
-    codes : array of int, shape (outer * inner,)
-        Label codes (``>= 0`` for a counted position), any array module.
+    codes : array of int, shape (at least outer * inner,)
+        Label codes (``>= 0`` for a counted position), any array module;
+        the first ``outer * inner`` are read.
     axis : int
         The class axis.
 
@@ -37,7 +38,8 @@ def undefined_softmax_message(layer, loss, scores, codes, axis):
     outer = scores.count_range(0, axis)
     inner = scores.count_range(axis + 1)
     x = backend.to_numpy(scores.data).reshape(outer, -1, inner)
-    valid = backend.to_numpy(codes).reshape(outer, 1, inner) >= 0
+    codes = backend.to_numpy(codes).reshape(-1)[: outer * inner]
+    valid = codes.reshape(outer, 1, inner) >= 0
     head = f"{layer.describe()}: the loss is {loss}"
     offending = (np.isnan(x) | (x == np.inf)) & valid
     if offending.any():

@@ -150,7 +150,7 @@ class SoftmaxWithLossLayer(LossLayer):
         self.valid_count = int(xp.count_nonzero(valid))
         loss = -xp.where(valid, log_p, 0).sum()
         top[0].data[...] = loss / self.normalizer(self.valid_count)
-        self.check_finite(top[0], bottom[0], label)
+        self.check_finite(float(top[0].data), bottom[0], label)
 
     def backward_cpu(self, top, propagate_down, bottom):
         self.check_no_label_backward(propagate_down)
@@ -186,10 +186,10 @@ class SoftmaxWithLossLayer(LossLayer):
         return label_error(self, label, index, self.channels, self.ignore_label,
                            self.axis)
 
-    def check_finite(self, loss_blob, scores, codes):
-        """Raise NonFiniteError when the loss is not finite; ``codes`` (the
-        label codes, any array module) let the message find the culprit."""
-        loss = float(loss_blob.flat_data[0])
+    def check_finite(self, loss, scores, codes):
+        """Raise NonFiniteError when the loss (a float) is not finite; the
+        label codes (any array module, at least ``outer * inner``) let the
+        message find the culprit."""
         if not math.isfinite(loss):
             raise NonFiniteError(
                 undefined_softmax_message(self, loss, scores, codes, self.axis)

@@ -144,8 +144,9 @@ class SoftmaxWithLossCuPy(EngineAdapter):
         self.code = code
         layer.valid_count = valid
         dtype = layer.dtype.type
-        top[0].data[...] = dtype(loss) / dtype(layer.normalizer(valid))
-        layer.check_finite(top[0], bottom[0], code)
+        value = dtype(loss) / dtype(layer.normalizer(valid))
+        top[0].data[...] = value
+        layer.check_finite(float(value), bottom[0], code)
 
     def backward(self, top, propagate_down, bottom):
         layer = self.layer

@@ -419,8 +419,9 @@ class SoftmaxWithLossNumba(EngineAdapter):
             self.prob_state = "prob" if normalise else "exp"
         layer.valid_count = valid
         dtype = layer.dtype.type
-        top[0].flat_data[0] = dtype(loss) / dtype(layer.normalizer(valid))
-        layer.check_finite(top[0], x, ws.pos_label[: layer.outer * layer.inner])
+        value = dtype(loss) / dtype(layer.normalizer(valid))
+        top[0].flat_data[0] = value
+        layer.check_finite(float(value), x, ws.pos_label)
 
     def backward(self, top, propagate_down, bottom):
         layer, x = self.layer, bottom[0]

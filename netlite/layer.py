@@ -73,16 +73,19 @@ def cached_reshape(reshape):
 
     @functools.wraps(reshape)
     def wrapper(self, bottom, top):
-        layout = [(b, b.layout_id) for b in (*bottom, *top)]
-        last = self.__dict__.get("_reshaped_for")
-        if last is not None and len(last) == len(layout) and all(
-                a[0] is b[0] and a[1] == b[1] for a, b in zip(last, layout)):
+        # Layout ids are unique across blobs, so equal id tuples mean the
+        # same blobs in the same state.
+        if self.__dict__.get("_reshaped_for") == _layout_ids(bottom, top):
             return
         self._reshaped_for = None
         reshape(self, bottom, top)
-        self._reshaped_for = [(b, b.layout_id) for b in (*bottom, *top)]
+        self._reshaped_for = _layout_ids(bottom, top)
 
     return wrapper
+
+
+def _layout_ids(bottom, top):
+    return (*[b.layout_id for b in bottom], None, *[t.layout_id for t in top])
 
 
 class Layer:
