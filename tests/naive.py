@@ -14,6 +14,9 @@ import numpy as np
 #: Caffe's probability floor (float32's FLT_MIN, in every dtype).
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
+#: Caffe's running maximum starts at -FLT_MAX (float32's, in every dtype).
+FLT_MAX = float(np.finfo(np.float32).max)
+
 
 def _columns(shape, axis):
     """``(outer, C, inner)`` of ``shape`` around ``axis``."""
@@ -209,9 +212,6 @@ def accuracy(x, labels, top_k=1, axis=1, ignore_label=None):
 
 # ------------------------------------------- Convolution, Pooling, Dropout,
 # ------------------------------------------- Flatten, Reshape, Split
-
-#: Caffe's running maximum starts at -FLT_MAX (float32's, in every dtype).
-FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def convolution(x, w, b=None, stride=None, pad=None, dilation=None, group=1,
