@@ -26,19 +26,19 @@ negative wrap-around, and that test keeps LLVM from vectorising the copy
 loops (a 3-7x slowdown measured on im2col).
 """
 
-import numba
 import numpy as np
 
+from netlite.jit import njit
 from netlite.layer import EngineAdapter
 
 
-@numba.njit(cache=False, inline="always")
+@njit(inline="always")
 def _u(i):
     """An array index that cannot be negative (no wrap-around test)."""
     return np.uint64(i)
 
 
-@numba.njit(cache=False, inline="always")
+@njit(inline="always")
 def _valid_range(n_out, stride, offset, size):
     """Outputs ``o`` in ``[lo, hi)`` whose input ``o * stride + offset``
     lies in ``[0, size)``."""
@@ -53,7 +53,7 @@ def _valid_range(n_out, stride, offset, size):
     return lo, hi
 
 
-@numba.njit(cache=False)
+@njit
 def conv_im2col(x, col, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
     """Gather every kernel tap of every output position into ``col``.
 
@@ -107,7 +107,7 @@ def conv_im2col(x, col, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
                         cf[_u(dst + ow)] = 0
 
 
-@numba.njit(cache=False)
+@njit
 def conv_col2im(col, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
     """Overwrite ``dx`` with the adjoint of :func:`conv_im2col` of ``col``.
 
@@ -143,7 +143,7 @@ def conv_col2im(col, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n):
                             df[_u(dst + ow * sw)] += cf[_u(src + ow)]
 
 
-@numba.njit(cache=False)
+@njit
 def conv_fwd_output(ybuf, bias, y):
     """``y[n, o, p] = ybuf[o, n * P + p] + bias[o]``.
 
@@ -169,7 +169,7 @@ def conv_fwd_output(ybuf, bias, y):
             yf[_u(dst + q)] = bf[_u(src + q)] + b
 
 
-@numba.njit(cache=False)
+@njit
 def conv_bwd_top_diff(dy, dybuf):
     """``dybuf[o, n * P + p] = dy[n, o, p]`` (the transpose of
     :func:`conv_fwd_output`, without the bias)."""
@@ -186,7 +186,7 @@ def conv_bwd_top_diff(dy, dybuf):
             bf[_u(dst + q)] = df[_u(src + q)]
 
 
-@numba.njit(cache=False)
+@njit
 def conv_bwd_top_diff_t(dy, dyt):
     """``dyt[n * P + p, o] = dy[n, o, p]`` (the weight gradient's operand:
     ``col @ dyt`` multiplies two row-major matrices, which BLAS does

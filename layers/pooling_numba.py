@@ -14,20 +14,20 @@ arrays with unsigned indices (:func:`_u`), which spares Numba's negative
 wrap-around test on every access.
 """
 
-import numba
 import numpy as np
 
+from netlite.jit import njit
 from netlite.layer import EngineAdapter
 from netlite.layers.pooling import FLT_MAX, MAX
 
 
-@numba.njit(cache=False, inline="always")
+@njit(inline="always")
 def _u(i):
     """An array index that cannot be negative (no wrap-around test)."""
     return np.uint64(i)
 
 
-@numba.njit(cache=False)
+@njit
 def pool_max_fwd(x, y, argmax, kh, kw, sh, sw, ph, pw, lowest):
     """Max pooling with Caffe's tie and padding rules.
 
@@ -72,7 +72,7 @@ def pool_max_fwd(x, y, argmax, kh, kw, sh, sw, ph, pw, lowest):
                 af[_u(dst + i * out_w + j)] = where
 
 
-@numba.njit(cache=False)
+@njit
 def pool_max_fwd_2x2(x, y, argmax, sh, sw, lowest):
     """:func:`pool_max_fwd` for 2x2 windows that all lie inside the image
     (no padding, no overhang): the four taps unrolled in raster order,
@@ -113,7 +113,7 @@ def pool_max_fwd_2x2(x, y, argmax, sh, sw, lowest):
                 dst += 1
 
 
-@numba.njit(cache=False)
+@njit
 def pool_max_bwd(dy, argmax, dx):
     """Overwrite ``dx`` with zeros, then ``dx[argmax] += dy`` per plane."""
     n_img, channels, height, width = dx.shape
@@ -133,7 +133,7 @@ def pool_max_bwd(dy, argmax, dx):
                 df[_u(dst + where)] += gf[_u(q)]
 
 
-@numba.njit(cache=False)
+@njit
 def pool_ave_fwd(x, y, area, kh, kw, sh, sw, ph, pw, zero):
     """Average pooling: in-image sum over ``area[i, j]`` (the window
     clipped to the padded image, precomputed by the layer in x's dtype).
@@ -159,7 +159,7 @@ def pool_ave_fwd(x, y, area, kh, kw, sh, sw, ph, pw, zero):
                 yf[_u(dst + i * out_w + j)] = acc / area[i, j]
 
 
-@numba.njit(cache=False)
+@njit
 def pool_ave_bwd(dy, dx, area, kh, kw, sh, sw, ph, pw):
     """Overwrite ``dx``: every in-image element of window ``(i, j)``
     receives ``dy[i, j] / area[i, j]``."""

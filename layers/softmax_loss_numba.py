@@ -21,8 +21,8 @@ Two strategies, chosen by the adapter:
   write in the backward: the fewest memory passes possible.
 
 Either way the checked label of every position is kept.  The exponential, the pairwise
-block reductions and the parallel/serial builds come from
-:mod:`netlite.layers.softmax_numba`.
+block reductions come from :mod:`netlite.layers.softmax_numba`, the
+parallel/serial builds from :func:`netlite.jit.build`.
 
 Label codes (``pos_label``) follow :mod:`netlite.layers._labels`:
 ``>= 0`` the class; ``IGNORED``; ``NOT_INTEGER``; ``OUT_OF_RANGE``.
@@ -30,10 +30,10 @@ Label codes (``pos_label``) follow :mod:`netlite.layers._labels`:
 
 import math
 
-import numba
 import numpy as np
 from numba import prange
 
+from netlite.jit import build, njit
 from netlite.layer import EngineAdapter
 from netlite.layers._labels import FLT_MIN, IGNORED, NOT_INTEGER, OUT_OF_RANGE
 from netlite.layers.softmax_numba import (
@@ -55,7 +55,7 @@ from netlite.layers.softmax_numba import (
 KEEP_PROB_BYTES = 1 << 24
 
 
-@numba.njit
+@njit
 def label_code(value, n, has_ignore, ignore_label):
     """Classify one float label: its class, or a negative code (the rule of
     :func:`netlite.layers._labels.label_codes`)."""
@@ -69,7 +69,7 @@ def label_code(value, n, has_ignore, ignore_label):
     return np.int64(v)
 
 
-@numba.njit
+@njit
 def _position_loss(p, like):
     # -log(max(p, FLT_MIN)), p rounded to the blob's dtype first as the
     # reference does; the log itself is taken in float64.
@@ -80,7 +80,7 @@ def _position_loss(p, like):
     return -math.log(np.float64(pd))
 
 
-@numba.njit
+@njit
 def _tally(pos_label, pos_loss):
     # Serial: sum of the valid positions' losses, their count and the first
     # invalid label (-1 when none).
@@ -252,16 +252,6 @@ def _loss_bwd_strided(x, outer, n, inner, pos_max, pos_sum, pos_label, scale,
                         dx[base0 + c * inner + k] = 0
 
 
-_KERNELS = {}
-
-
-def _jit(fn, parallel):
-    key = (fn.__name__, parallel)
-    if key not in _KERNELS:
-        _KERNELS[key] = numba.njit(parallel=parallel, cache=False)(fn)
-    return _KERNELS[key]
-
-
 # ------------------------------------------------------------------- API
 class Workspace:
     """The kernels a layer's shape needs and the buffers they share.
@@ -301,14 +291,14 @@ class Workspace:
         if inner == 1:
             self.width = BLOCK
             self.nchunks = num_chunks(parallel, outer)
-            self._fwd = _jit(_loss_fwd_rows, parallel)
-            self._bwd = _jit(_loss_bwd_rows, parallel)
+            self._fwd = build(_loss_fwd_rows, parallel)
+            self._bwd = build(_loss_bwd_rows, parallel)
         else:
             self.width = tile_width(n, inner)
             tiles = outer * ((inner + self.width - 1) // self.width)
             self.nchunks = num_chunks(parallel, tiles)
-            self._fwd = _jit(_loss_fwd_strided, parallel)
-            self._bwd = _jit(_loss_bwd_strided, parallel)
+            self._fwd = build(_loss_fwd_strided, parallel)
+            self._bwd = build(_loss_bwd_strided, parallel)
         self.buf = np.empty((self.nchunks, self.width), self.dtype)
         self.outer, self.n, self.inner = outer, n, inner
         self.key = key

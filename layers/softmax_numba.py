@@ -46,6 +46,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
+from netlite.jit import build, njit
 from netlite.layer import EngineAdapter
 
 #: Problems with fewer elements than this run the single-threaded kernels:
@@ -80,7 +81,7 @@ def _float32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@numba.njit
+@njit
 def _expf_nonpos(d):
     # Cephes expf: d = n ln2 + r with |r| <= ln2 / 2, exp(r) by a minimax
     # polynomial, 2**n built directly in the exponent bits.  The split of
@@ -137,7 +138,7 @@ def _cast_like_overload(value, ref):
     return lambda value, ref: np.float64(value)
 
 
-@numba.njit
+@njit
 def _pow2_at_least(n):
     p = 1
     while p < n:
@@ -145,7 +146,7 @@ def _pow2_at_least(n):
     return p
 
 
-@numba.njit
+@njit
 def _tree_max(b, n):
     # Max of b[:n] by halving; b is padded with -inf up to a power of two.
     # A NaN may or may not win, which is fine: the caller's sum of
@@ -163,7 +164,7 @@ def _tree_max(b, n):
     return b[0]
 
 
-@numba.njit
+@njit
 def _tree_sum(b, n):
     # Pairwise sum of b[:n]; every level is an independent element-wise loop.
     p = _pow2_at_least(n)
@@ -177,7 +178,7 @@ def _tree_sum(b, n):
     return b[0]
 
 
-@numba.njit
+@njit
 def row_max_sumexp(xr, b):
     """Return ``(m, s)`` for the row ``xr``: ``m = max``, ``s = sum
     exp(xr - m)`` (``s`` in float64).
@@ -225,7 +226,7 @@ def row_max_sumexp(xr, b):
     return m, s
 
 
-@numba.njit
+@njit
 def row_max(xr, b):
     """Max of the row ``xr`` (pairwise per block of ``len(b)``).
 
@@ -252,7 +253,7 @@ def row_max(xr, b):
     return m
 
 
-@numba.njit
+@njit
 def row_exp_sum(xr, m, yr, b):
     """Write ``yr = exp(xr - m)`` and return its sum (float64; pairwise per
     block).  ``yr`` may be ``xr``."""
@@ -277,7 +278,7 @@ def row_exp_sum(xr, m, yr, b):
     return s
 
 
-@numba.njit
+@njit
 def row_dot(u, v, b):
     """``sum(u * v)`` over two rows (pairwise per block, float64 across
     blocks)."""
@@ -390,17 +391,6 @@ def _softmax_bwd_strided(y, dy, dx, outer, n, inner, accumulate, acc):
                         dx[j] = g
 
 
-_KERNELS = {}
-
-
-def _jit(fn, parallel):
-    """The parallel or serial build of ``fn`` (memoised; compiled lazily)."""
-    key = (fn.__name__, parallel)
-    if key not in _KERNELS:
-        _KERNELS[key] = numba.njit(parallel=parallel, cache=False)(fn)
-    return _KERNELS[key]
-
-
 def num_chunks(parallel, work_items):
     """Number of independent work ranges: one per thread, at most one per
     item."""
@@ -442,9 +432,9 @@ def softmax_fwd(x, y, outer, n, inner, parallel, buffers=None):
         buffers = scratch(x.dtype, *shape)
     buf, acc = buffers
     if inner == 1:
-        _jit(_softmax_fwd_rows, parallel)(x, y, outer, n, buf)
+        build(_softmax_fwd_rows, parallel)(x, y, outer, n, buf)
     else:
-        _jit(_softmax_fwd_strided, parallel)(x, y, outer, n, inner, buf, acc)
+        build(_softmax_fwd_strided, parallel)(x, y, outer, n, inner, buf, acc)
     return buffers
 
 
@@ -457,9 +447,9 @@ def softmax_bwd(y, dy, dx, outer, n, inner, accumulate, parallel, buffers=None):
         buffers = scratch(y.dtype, *shape)
     buf, acc = buffers
     if inner == 1:
-        _jit(_softmax_bwd_rows, parallel)(y, dy, dx, outer, n, accumulate, buf)
+        build(_softmax_bwd_rows, parallel)(y, dy, dx, outer, n, accumulate, buf)
     else:
-        _jit(_softmax_bwd_strided, parallel)(
+        build(_softmax_bwd_strided, parallel)(
             y, dy, dx, outer, n, inner, accumulate, acc
         )
     return buffers

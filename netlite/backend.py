@@ -13,7 +13,9 @@ The *device* is a property of the data: a net built in GPU mode holds CuPy
 arrays, and a layer whose blobs hold CuPy arrays runs its GPU path.  The
 *CPU engine* (numpy or numba) is a global choice, made with
 :func:`set_cpu_engine` or the ``NETLITE_CPU_ENGINE`` environment variable;
-it never changes results beyond floating-point rounding.
+it never changes results beyond floating-point rounding.  The default is
+``numba`` (the fast engine; Numba is a required dependency) and ``numpy``
+where Numba is missing or does not import (:func:`default_cpu_engine`).
 
 Neither Numba nor CuPy is imported by ``import netlite``: they are imported
 the first time their engine is selected or used.
@@ -21,6 +23,7 @@ the first time their engine is selected or used.
 
 import importlib
 import os
+import warnings
 
 import numpy as np
 
@@ -32,7 +35,9 @@ _cpu_engine = None  # resolved lazily from the environment
 
 
 def _resolve_env_engine():
-    name = os.environ.get("NETLITE_CPU_ENGINE", "numpy").strip().lower()
+    name = os.environ.get("NETLITE_CPU_ENGINE", "").strip().lower()
+    if not name:
+        return default_cpu_engine()
     if name not in CPU_ENGINES:
         raise ValueError(
             f"NETLITE_CPU_ENGINE={name!r} is not one of {', '.join(CPU_ENGINES)}"
@@ -41,8 +46,38 @@ def _resolve_env_engine():
 
 
 def numba_available():
-    """True when Numba can be imported."""
-    return importlib.util.find_spec("numba") is not None
+    """True when Numba is installed (found on the path; not imported)."""
+    try:
+        return importlib.util.find_spec("numba") is not None
+    except (ImportError, ValueError):  # a blocked or half-removed package
+        return False
+
+
+def default_cpu_engine():
+    """The CPU engine used when none is chosen: ``"numba"``, or ``"numpy"``
+    when Numba is missing or does not import.
+
+    Imports Numba (when installed) to make sure the fast engine works; a
+    Numba that is installed but fails to import (say, built for another
+    NumPy) gives ``"numpy"`` with a ``RuntimeWarning`` that says why.
+
+    Returns
+    -------
+    str
+    """
+    if not numba_available():
+        return "numpy"
+    try:
+        importlib.import_module("numba")
+    except Exception as exc:  # any import failure: the reference still works
+        warnings.warn(
+            f"Numba is installed but does not import ({type(exc).__name__}: "
+            f"{exc}); the CPU engine defaults to numpy. Set "
+            f"NETLITE_CPU_ENGINE=numpy to silence this, or repair Numba.",
+            RuntimeWarning, stacklevel=3,
+        )
+        return "numpy"
+    return "numba"
 
 
 def cupy_available():
@@ -58,7 +93,8 @@ def cupy_available():
 
 
 def set_cpu_engine(name):
-    """Choose the CPU engine: ``"numpy"`` (reference) or ``"numba"``.
+    """Choose the CPU engine: ``"numba"`` (JIT kernels, the default) or
+    ``"numpy"`` (the reference).
 
     Raises
     ------
@@ -82,7 +118,12 @@ def set_cpu_engine(name):
 
 
 def cpu_engine():
-    """Return the current CPU engine name."""
+    """Return the current CPU engine name.
+
+    Until :func:`set_cpu_engine` is called, the first call resolves it from
+    ``NETLITE_CPU_ENGINE`` and, when that is unset or empty, from
+    :func:`default_cpu_engine`.
+    """
     global _cpu_engine
     if _cpu_engine is None:
         _cpu_engine = _resolve_env_engine()

@@ -47,6 +47,12 @@ class WeightsFileError(NetliteError, ValueError):
     """A weights file is not a .caffemodel/.npz or does not fit the net."""
 
 
+class NetliteWarning(UserWarning):
+    """A call that works but very likely does not do what was meant (a
+    backward pass that can compute nothing, say); the message says why and
+    what to change."""
+
+
 def layer_label(layer):
     """Return ``"Type layer 'name'"`` for messages (works on any Layer)."""
     param = getattr(layer, "layer_param", None)

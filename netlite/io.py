@@ -7,7 +7,7 @@ protobuf's ``line:column`` and the file name.
 """
 
 import os
-import tempfile
+import secrets
 import zipfile
 import zlib
 
@@ -139,16 +139,61 @@ def to_text(message):
     return text_format.MessageToString(message)
 
 
+def make_temp_file(directory, prefix=".tmp-", suffix=""):
+    """Create a new empty file in ``directory``; return ``(fd, path)``.
+
+    Like :func:`tempfile.mkstemp`, except for the permissions: the file is
+    created with mode ``0o666`` less the process umask, as ``open()``
+    creates files, instead of mkstemp's ``0o600``.  The temporary file
+    becomes an output (a snapshot, a weights file, a plot) once renamed,
+    and outputs must be readable by whoever the umask lets read the rest.
+
+    Raises
+    ------
+    FileExistsError
+        When no unused name was found (100 random names tried).
+    """
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL
+             | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary file name in {directory}")
+
+
+def make_temp_dir(directory, prefix=".tmp-"):
+    """Create a new empty directory in ``directory``; return its path.
+
+    Like :func:`tempfile.mkdtemp`, except that the mode is ``0o777`` less
+    the process umask, as ``os.mkdir`` creates directories (mkdtemp's
+    ``0o700`` would hide a database renamed into place from everyone else).
+    """
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}")
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no unused temporary directory name in {directory}")
+
+
 def atomic_write_bytes(path, payload):
     """Write ``payload`` to ``path`` atomically (temporary file + rename).
 
     A crash or Ctrl-C leaves either the old file or the new one, never a
-    truncated file.
+    truncated file.  The file gets the permissions ``open()`` gives a new
+    file, ``0o666`` less the umask (:func:`make_temp_file`), also when it
+    replaces one: it is a new file, and a snapshot that an older netlite
+    wrote with mode 0600 does not keep that mode when it is rewritten.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = make_temp_file(directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)

@@ -6,21 +6,33 @@ layer, wire bottoms to tops (in-place when a top repeats the bottom's name
 at the same position), register parameters (owners and sharers, with
 ``lr_mult``/``decay_mult``), then plan which layers need backward.
 
-The Python API follows pycaffe::
+The Python API follows pycaffe (its call forms, methods and attributes;
+docs/engine/net.md §6 has the mapping)::
 
     net = netlite.Net("lenet.prototxt", netlite.TEST, weights="lenet.caffemodel")
+    net = netlite.Net("lenet.prototxt", "lenet.caffemodel", netlite.TEST)
     out = net.forward(data=images)          # {"prob": array, ...}
     net.blobs["conv1"].data, net.params["conv1"][0].diff
+    probs = net.forward_all(data=many_images)["prob"]
 """
 
+import difflib
 import logging
+import numbers
+import os
+import warnings
 from collections import OrderedDict
 
 import numpy as np
 
 from netlite import backend, io, registry
 from netlite.blob import Blob
-from netlite.errors import LayerSetupError, ShapeError, WeightsFileError
+from netlite.errors import (
+    LayerSetupError,
+    NetliteWarning,
+    ShapeError,
+    WeightsFileError,
+)
 from netlite.layer import TEST, TRAIN
 from netlite.net_transform import filter_net, insert_splits
 from netlite.proto import netlite_pb2
@@ -30,25 +42,52 @@ logger = logging.getLogger("netlite")
 _NPZ_MAGIC = b"PK\x03\x04"
 
 
+_FORMS = """netlite.Net takes pycaffe's forms:
+  Net(model, phase)
+  Net(model, phase, level=0, stages=None, weights=None)
+  Net(model, weights, phase)              (pycaffe's legacy form)
+  Net(network_file=model, phase=phase, weights=None)
+plus netlite's keywords dtype=numpy.float32 and device=None. model is a
+prototxt path, prototxt text or a NetParameter; phase is netlite.TRAIN (the
+default) or netlite.TEST; weights is a .caffemodel or .npz path."""
+
+_KEYWORDS = ("network_file", "model", "phase", "level", "stages", "weights",
+             "dtype", "device")
+
+
 class Net:
     """A network of layers, built from a prototxt.
+
+    Every call form of pycaffe's ``caffe.Net`` works::
+
+        Net(model, phase)
+        Net(model, phase, level=0, stages=None, weights=None)
+        Net(model, weights, phase)          # pycaffe's legacy form
+        Net(network_file=model, phase=phase, weights=None)
+
+    A string (or path) right after the model is the weights file of the
+    legacy form, so the phase must follow it; otherwise the positional
+    arguments after the model are pycaffe's ``phase, level, stages,
+    weights``.  Anything else raises a ``TypeError`` that lists the forms.
 
     Parameters
     ----------
     model : str, path or NetParameter
-        A prototxt path, prototxt text, or a ``NetParameter`` message.
+        A prototxt path, prototxt text, or a ``NetParameter`` message
+        (keyword ``network_file=``, pycaffe's name, or ``model=``).
     phase : {netlite.TRAIN, netlite.TEST}
-        Overwrites ``state.phase`` (include/exclude rules use it).
+        Overwrites ``state.phase`` (include/exclude rules use it); TRAIN
+        when not given (pycaffe requires it).
+    level : int
+        NetState level (default 0).
+    stages : str or sequence of str, optional
+        NetState stages, added to any the prototxt's ``state`` lists.
     weights : str or path, optional
         A ``.caffemodel`` or ``.npz`` file to copy weights from.
     dtype : {numpy.float32, numpy.float64}
-        Dtype of every blob.
-    level : int
-        NetState level.
-    stages : sequence of str
-        NetState stages, added to any the prototxt's ``state`` lists.
+        Dtype of every blob (keyword only).
     device : {"cpu", "gpu"}, optional
-        Defaults to the current mode.
+        Defaults to the current mode (keyword only).
 
     Attributes
     ----------
@@ -58,14 +97,32 @@ class Net:
         The parameter blobs of every layer that has some.
     layers : list of Layer
     layer_names : list of str
+    layer_dict : OrderedDict of str -> Layer
+    top_names, bottom_names : OrderedDict of str -> list of str
+        Layer name -> the names of its tops / bottoms (pycaffe's).
+    blob_loss_weights : OrderedDict of str -> float
+        The loss weight of every named blob (0 for most).
     bottom_vecs, top_vecs : list of list of Blob
         The bottoms/tops of layer i.
     inputs, outputs : list of str
         Input-layer tops; blobs no layer consumes (sorted, as Caffe).
     """
 
-    def __init__(self, model, phase=TRAIN, weights=None, dtype=np.float32,
-                 level=0, stages=(), device=None):
+    def __init__(self, *args, network_file=None, model=None, phase=None,
+                 level=None, stages=None, weights=None, dtype=np.float32,
+                 device=None, **unknown):
+        if unknown:
+            name = next(iter(unknown))
+            close = difflib.get_close_matches(name, _KEYWORDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"Net() got an unexpected keyword argument {name!r}{hint}.\n"
+                + _FORMS
+            )
+        model, phase, level, stages, weights = _net_arguments(args, {
+            "network_file": network_file, "model": model, "phase": phase,
+            "level": level, "stages": stages, "weights": weights,
+        })
         param = io.read_net_param(model)
         param = _with_state(param, phase, level, stages)
         self.dtype = np.dtype(dtype)
@@ -73,6 +130,7 @@ class Net:
         self.name = param.name
         self.phase = param.state.phase
         self.debug_info = param.debug_info
+        self._warned_no_backward = False
         self._build(param)
         if weights is not None:
             self.copy_from(weights)
@@ -87,7 +145,7 @@ class Net:
         self.bottom_need_backward, self.layer_need_backward = [], []
         self._blobs, self._blob_names = [], []  # includes anonymous tops
         self.blob_need_backward = []
-        self.blob_loss_weights = []
+        self._blob_loss_weights = []  # per blob id, anonymous tops included
         self._input_ids = []
         # parameters
         self._params, self.param_owners, self.param_display_names = [], [], []
@@ -166,7 +224,9 @@ class Net:
             layer.setup(bottoms, tops)
             for j, blob_id in enumerate(top_ids):
                 weight = layer.loss(j)
-                self.blob_loss_weights[blob_id] = weight
+                # An in-place layer overwrites its producer's weight (Caffe's
+                # blob_loss_weights_ holds the last writer's).
+                self._blob_loss_weights[blob_id] = weight
                 logger.info("Top shape: %s", self._blobs[blob_id].shape_string())
                 if weight:
                     logger.info("    with loss weight %g", weight)
@@ -204,6 +264,20 @@ class Net:
             if layer.blobs
         )
         self._layer_index = {n: i for i, n in enumerate(self.layer_names)}
+        # pycaffe's name-keyed views (the layers and blobs never change after
+        # construction, so they are built once).
+        self.layer_dict = OrderedDict(zip(self.layer_names, self.layers))
+        self.top_names = OrderedDict(
+            (name, self._top_names_of(i)) for i, name in enumerate(self.layer_names)
+        )
+        self.bottom_names = OrderedDict(
+            (name, self._bottom_names_of(i))
+            for i, name in enumerate(self.layer_names)
+        )
+        self.blob_loss_weights = OrderedDict(
+            (n, w) for n, w in zip(self._blob_names, self._blob_loss_weights)
+            if n is not None
+        )
         self._share_weights()
         logger.info("Network initialization done.")
 
@@ -211,7 +285,7 @@ class Net:
         self._blobs.append(Blob(dtype=self.dtype, device=self.device))
         self._blob_names.append(name)
         self.blob_need_backward.append(False)
-        self.blob_loss_weights.append(0.0)
+        self._blob_loss_weights.append(0.0)
         return len(self._blobs) - 1
 
     def _append_param(self, layer_id, param_id):
@@ -352,20 +426,25 @@ class Net:
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """Run the forward pass and return the output blobs' data.
 
+        pycaffe's ``net.forward``.
+
         Parameters
         ----------
         blobs : list of str, optional
             Extra blob names to return besides the outputs.
         start, end : str, optional
-            Names of the first and last layer to run.
+            Names of the first and last layer to run (inclusive).
         **inputs : array_like
-            Data for input blobs (reshaped to fit when needed).
+            Data for input blobs (reshaped to fit when needed; pycaffe
+            needs the batch size to match).
 
         Returns
         -------
         dict of str -> ndarray
-            Views of the blobs' data (copy them to keep them).
+            The outputs (or, with ``end``, that layer's tops) and ``blobs``:
+            views of the blobs' data (copy them to keep them).
         """
+        start_id, end_id = self._span(start, end, forward=True)
         for name, value in inputs.items():
             if name not in self.inputs:
                 raise KeyError(
@@ -376,33 +455,246 @@ class Net:
             if value.shape != blob.shape:
                 blob.reshape(value.shape)
             blob.data[...] = value
-        start_id = 0 if start is None else self.layer_index(start)
-        end_id = len(self.layers) - 1 if end is None else self.layer_index(end)
         self.loss = self.forward_from_to(start_id, end_id)
-        names = list(self.outputs if end is None else self.top_names(end_id))
-        names += [b for b in (blobs or ()) if b not in names]
+        names = self._result_names(
+            self.outputs if end is None else self._top_names_of(end_id), blobs
+        )
         return {name: self.blobs[name].data for name in names}
 
     def backward(self, diffs=None, start=None, end=None, **top_diffs):
         """Run the backward pass and return the input blobs' diffs.
 
-        ``**top_diffs`` sets the diffs of output blobs first (pycaffe's
-        ``net.backward(prob=grad)``).
+        pycaffe's ``net.backward``.  Only layers that need backward run
+        (see docs/engine/net.md §5): on a net without a loss and without
+        ``force_backward: true`` none does, every diff stays zero, and the
+        first such call warns (:class:`netlite.NetliteWarning`).
+
+        Parameters
+        ----------
+        diffs : list of str, optional
+            Extra blob names whose diffs to return besides the inputs'.
+        start, end : str, optional
+            Names of the first (topmost) and last layer to run (inclusive).
+        **top_diffs : array_like
+            Diffs for output blobs, set before the pass (pycaffe's
+            ``net.backward(prob=grad)``).
+
+        Returns
+        -------
+        dict of str -> ndarray
+            The inputs' diffs (or, with ``end``, that layer's bottoms') and
+            ``diffs``: views of the blobs' diffs.
         """
+        start_id, end_id = self._span(start, end, forward=False)
         for name, value in top_diffs.items():
             if name not in self.outputs:
                 raise KeyError(
                     f"'{name}' is not an output of this net; outputs: {self.outputs}"
                 )
             self.blobs[name].diff = value
-        start_id = len(self.layers) - 1 if start is None else self.layer_index(start)
-        end_id = 0 if end is None else self.layer_index(end)
+        self._warn_if_backward_is_empty(start_id, end_id, start, end)
         self.backward_from_to(start_id, end_id)
         if self.debug_info:
             self._params_debug_info()
-        names = list(self.inputs if end is None else self.bottom_names(end_id))
-        names += [b for b in (diffs or ()) if b not in names]
+        names = self._result_names(
+            self.inputs if end is None else self._bottom_names_of(end_id), diffs
+        )
         return {name: self.blobs[name].diff for name in names}
+
+    def forward_all(self, blobs=None, **inputs):
+        """Forward inputs of any length, batch by batch (pycaffe's
+        ``net.forward_all``).
+
+        The inputs are cut into batches of the net's batch size (the first
+        axis of the input blobs); a last, partial batch is padded with zeros
+        and the padding's results are dropped.
+
+        Parameters
+        ----------
+        blobs : list of str, optional
+            Extra blob names to return besides the outputs.
+        **inputs : array_like
+            Data for input blobs, all with the same length along axis 0.
+            Without any, one forward pass runs (on the data layers).
+
+        Returns
+        -------
+        dict of str -> ndarray
+            Copies.  A blob whose first axis is the batch gets the items of
+            every batch concatenated (one row per input item); any other
+            blob (a loss, an accuracy) gets one value per batch, stacked,
+            and the last batch's value includes the padding.
+        """
+        if not inputs:
+            out = self.forward(blobs=blobs)
+            return {name: backend.to_numpy(v).copy() for name, v in out.items()}
+        for name in inputs:
+            if name not in self.inputs:
+                raise KeyError(
+                    f"'{name}' is not an input of this net; inputs: {self.inputs}"
+                )
+        names = self._result_names(self.outputs, blobs)
+        collected = {name: [] for name in names}
+        batches, count, batch_size = self._batches(inputs, "forward_all")
+        for batch in batches:
+            out = self.forward(blobs=blobs, **batch)
+            for name in names:
+                collected[name].append(backend.to_numpy(out[name]).copy())
+        return _join_batches(collected, count, batch_size)
+
+    def forward_backward_all(self, blobs=None, diffs=None, **arrays):
+        """Forward and backward, batch by batch (pycaffe's
+        ``net.forward_backward_all``).
+
+        Parameters
+        ----------
+        blobs : list of str, optional
+            Extra blobs whose data to return besides the outputs.
+        diffs : list of str, optional
+            Extra blobs whose diffs to return besides the inputs'.
+        **arrays : array_like
+            Input data (keys in :attr:`inputs`) and output diffs (keys in
+            :attr:`outputs`), all with the same length along axis 0;
+            batched and padded as in :meth:`forward_all`.
+
+        Returns
+        -------
+        outs, in_diffs : dict of str -> ndarray
+            The outputs (and ``blobs``) and the inputs' diffs (and
+            ``diffs``), joined over batches as in :meth:`forward_all`.
+        """
+        unknown = [k for k in arrays if k not in self.inputs + self.outputs]
+        if unknown:
+            raise KeyError(
+                f"{unknown[0]!r} is neither an input nor an output of this net; "
+                f"inputs: {self.inputs}, outputs: {self.outputs}"
+            )
+        out_names = self._result_names(self.outputs, blobs)
+        diff_names = self._result_names(self.inputs, diffs)
+        if not arrays:
+            self.forward(blobs=blobs)
+            self.backward(diffs=diffs)
+            return (
+                {n: backend.to_numpy(self.blobs[n].data).copy() for n in out_names},
+                {n: backend.to_numpy(self.blobs[n].diff).copy() for n in diff_names},
+            )
+        outs = {name: [] for name in out_names}
+        in_diffs = {name: [] for name in diff_names}
+        batches, count, batch_size = self._batches(arrays, "forward_backward_all")
+        for batch in batches:
+            forward = {k: v for k, v in batch.items() if k in self.inputs}
+            backward = {k: v for k, v in batch.items() if k in self.outputs}
+            got = self.forward(blobs=blobs, **forward)
+            for name in out_names:
+                outs[name].append(backend.to_numpy(got[name]).copy())
+            got = self.backward(diffs=diffs, **backward)
+            for name in diff_names:
+                in_diffs[name].append(backend.to_numpy(got[name]).copy())
+        return (_join_batches(outs, count, batch_size),
+                _join_batches(in_diffs, count, batch_size))
+
+    def _span(self, start, end, forward):
+        """Layer indices of a pass named by pycaffe's ``start``/``end``."""
+        last = len(self.layers) - 1
+        if forward:
+            first = 0 if start is None else self.layer_index(start)
+            stop = last if end is None else self.layer_index(end)
+            if start is not None and end is not None and first > stop:
+                raise ValueError(
+                    f"forward runs upwards: start layer '{start}' (index {first}) "
+                    f"comes after end layer '{end}' (index {stop})"
+                )
+        else:
+            first = last if start is None else self.layer_index(start)
+            stop = 0 if end is None else self.layer_index(end)
+            if start is not None and end is not None and first < stop:
+                raise ValueError(
+                    f"backward runs downwards: start layer '{start}' (index "
+                    f"{first}) comes before end layer '{end}' (index {stop})"
+                )
+        return first, stop
+
+    def _result_names(self, names, extra):
+        if isinstance(extra, str):
+            extra = [extra]
+        names = list(names)
+        for name in extra or ():
+            if name not in self.blobs:
+                raise KeyError(f"no blob named '{name}' in net '{self.name}'")
+            if name not in names:
+                names.append(name)
+        return names
+
+    def _batches(self, arrays, what):
+        """Cut ``arrays`` into the net's batches; pad the last with zeros.
+
+        Returns the batches (a generator), the number of items and the
+        batch size.
+        """
+        arrays = {k: backend.to_numpy(v) for k, v in arrays.items()}
+        lengths = {k: (len(v) if v.ndim else None) for k, v in arrays.items()}
+        if None in lengths.values() or len(set(lengths.values())) != 1:
+            raise ValueError(
+                f"{what} needs arrays of one length along axis 0, got "
+                + ", ".join(f"{k}: shape {arrays[k].shape}" for k in arrays)
+            )
+        count = next(iter(lengths.values()))
+        if count == 0:
+            raise ValueError(f"{what} needs at least one item, got empty arrays")
+        sizes = {}
+        for name in arrays:
+            shape = self.blobs[name].shape
+            if not shape:
+                raise ValueError(
+                    f"{what}: blob '{name}' has no batch axis (shape {shape})"
+                )
+            sizes[name] = shape[0]
+        if len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"{what}: the blobs disagree on the batch size: "
+                + ", ".join(f"{k}: {v}" for k, v in sizes.items())
+            )
+        batch_size = next(iter(sizes.values()))
+        if batch_size < 1:
+            raise ValueError(f"{what}: the net's batch size is {batch_size}")
+
+        def generate():
+            for i in range(0, count, batch_size):
+                batch = {}
+                for name, value in arrays.items():
+                    part = value[i:i + batch_size]
+                    if len(part) < batch_size:
+                        pad = np.zeros((batch_size - len(part),) + part.shape[1:],
+                                       dtype=part.dtype)
+                        part = np.concatenate([part, pad])
+                    batch[name] = part
+                yield batch
+
+        return generate(), count, batch_size
+
+    def _warn_if_backward_is_empty(self, start_id, end_id, start, end):
+        """Warn (once per net) when no layer of a backward pass needs
+        backward, so the pass leaves every diff as it was."""
+        if self._warned_no_backward or any(
+                self.layer_need_backward[end_id:start_id + 1]):
+            return
+        self._warned_no_backward = True
+        if start is not None or end is not None:
+            where = (f"no layer from '{self.layer_names[start_id]}' down to "
+                     f"'{self.layer_names[end_id]}' needs backward")
+        elif any(self._blob_loss_weights):
+            where = ("no layer needs backward: no parameter under the loss "
+                     "has lr_mult != 0 and no input below it needs a gradient")
+        else:
+            where = "no layer needs backward: the net has no loss"
+        warnings.warn(
+            f"net '{self.name}': backward() computes nothing, {where}, and the "
+            "prototxt does not say `force_backward: true`. Every diff it "
+            "returns stays zero (as in Caffe). Add `force_backward: true` to "
+            "the prototxt (top level) to get the gradients of the inputs and "
+            "parameters for the top diffs you set.",
+            NetliteWarning, stacklevel=3,
+        )
 
     def forward_backward(self):
         """Forward then backward; return the loss (Caffe's ForwardBackward)."""
@@ -453,12 +745,12 @@ class Net:
         """True when a blob is called ``name``."""
         return name in self.blobs
 
-    def top_names(self, layer_id):
+    def _top_names_of(self, layer_id):
         """Names of layer ``layer_id``'s named tops."""
         return [self._blob_names[b] for b in self.top_id_vecs[layer_id]
                 if self._blob_names[b] is not None]
 
-    def bottom_names(self, layer_id):
+    def _bottom_names_of(self, layer_id):
         """Names of layer ``layer_id``'s bottoms."""
         return [self._blob_names[b] for b in self.bottom_id_vecs[layer_id]]
 
@@ -543,6 +835,10 @@ class Net:
             payload = self.to_proto(write_diff).SerializeToString()
             io.atomic_write_bytes(path, payload)
 
+    def share_with(self, other):
+        """pycaffe's name for :meth:`share_trained_layers_with`."""
+        self.share_trained_layers_with(other)
+
     def share_trained_layers_with(self, other):
         """Alias the data of every same-named layer's params to ``other``'s."""
         for name, layer in zip(other.layer_names, other.layers):
@@ -607,17 +903,123 @@ class Net:
         )
 
 
+def _is_path(value):
+    return isinstance(value, (str, os.PathLike))
+
+
+def _net_arguments(args, given):
+    """``(model, phase, level, stages, weights)`` from ``Net``'s arguments.
+
+    ``given`` holds the keyword values (None: not given).  The rules are
+    pycaffe's: a string right after the model is the weights file of the
+    legacy ``Net(model, weights, phase)``; otherwise the positional
+    arguments after the model are ``phase, level, stages, weights``.
+    """
+    given = dict(given)
+    models = [(k, given.pop(k)) for k in ("network_file", "model")]
+    models = [(k, v) for k, v in models if v is not None]
+    if len(models) + bool(args) > 1:
+        how = [f"{k}=" for k, _ in models] + (["positionally"] if args else [])
+        raise TypeError(f"Net() got the model twice ({' and '.join(how)}).\n"
+                        + _FORMS)
+    if args:
+        model, rest = args[0], list(args[1:])
+    elif models:
+        model, rest = models[0][1], []
+    else:
+        raise TypeError("Net() needs a model.\n" + _FORMS)
+
+    if rest and _is_path(rest[0]):
+        # pycaffe's legacy Net(model, weights, phase).
+        if len(rest) > 2 or given["weights"] is not None:
+            raise TypeError(
+                f"Net(model, {rest[0]!r}, ...): a path right after the model "
+                "is the weights file of pycaffe's legacy form Net(model, "
+                "weights, phase), which takes nothing else.\n" + _FORMS
+            )
+        given["weights"] = rest[0]
+        if len(rest) == 2:
+            if given["phase"] is not None:
+                raise TypeError("Net() got the phase twice (positional and "
+                                "phase=).\n" + _FORMS)
+            given["phase"] = rest[1]
+        elif given["phase"] is None:
+            raise TypeError(
+                f"Net(model, {rest[0]!r}): a path right after the model is "
+                "the weights file of pycaffe's legacy form Net(model, weights, "
+                "phase), and the phase must follow it.\n" + _FORMS
+            )
+    else:
+        names = ("phase", "level", "stages", "weights")
+        if len(rest) > len(names):
+            raise TypeError(
+                f"Net() takes at most {len(names) + 1} positional arguments "
+                f"(model, phase, level, stages, weights), got {len(args)}.\n"
+                + _FORMS
+            )
+        for name, value in zip(names, rest):
+            if given[name] is not None:
+                raise TypeError(f"Net() got {name} twice (positional and "
+                                f"{name}=).\n" + _FORMS)
+            given[name] = value
+
+    phase, level = given["phase"], given["level"]
+    stages, weights = given["stages"], given["weights"]
+    if phase is None:
+        phase = TRAIN
+    if level is None:
+        level = 0
+    elif isinstance(level, bool) or not isinstance(level, numbers.Integral):
+        raise TypeError(
+            f"Net(): level must be an int, got {level!r} (the positional "
+            "arguments after the model are phase, level, stages, weights; "
+            "pass a weights file as weights=...).\n" + _FORMS
+        )
+    if stages is None:
+        stages = ()
+    elif isinstance(stages, str):
+        stages = (stages,)
+    else:
+        try:
+            stages = tuple(stages)
+        except TypeError:
+            stages = (stages,)
+        if not all(isinstance(stage, str) for stage in stages):
+            raise TypeError(
+                f"Net(): stages must be a string or a list of strings, got "
+                f"{given['stages']!r}.\n" + _FORMS
+            )
+    if weights is not None and not _is_path(weights):
+        raise TypeError(
+            f"Net(): weights must be a file path, got {weights!r}.\n" + _FORMS
+        )
+    return model, phase, int(level), stages, weights
+
+
+def _join_batches(collected, count, batch_size):
+    """Join per-batch results: concatenate batch-major arrays (dropping the
+    padding), stack anything else (one entry per batch)."""
+    out = {}
+    for name, parts in collected.items():
+        if all(p.ndim and p.shape[0] == batch_size for p in parts):
+            out[name] = np.concatenate(parts)[:count]
+        else:
+            out[name] = np.stack(parts)
+    return out
+
+
 def _with_state(param, phase, level, stages):
     out = netlite_pb2.NetParameter()
     out.CopyFrom(param)
-    if phase not in (TRAIN, TEST):
-        raise ValueError(f"phase must be netlite.TRAIN or netlite.TEST, got {phase!r}")
+    if isinstance(phase, bool) or phase not in (TRAIN, TEST):
+        raise ValueError(
+            f"phase must be netlite.TRAIN or netlite.TEST, got {phase!r}.\n"
+            + _FORMS
+        )
     out.state.phase = phase
     out.state.level = int(level)
     # As Caffe's Net(file, phase, level, stages): the stages are added to
     # those the prototxt's own state lists (phase and level are replaced).
-    if isinstance(stages, str):
-        stages = [stages]
     out.state.stage.extend(s for s in stages if s not in out.state.stage)
     return out
 

@@ -5,6 +5,13 @@
 * Puts ``tests/`` on ``sys.path`` so test modules can import
   ``layer_testing`` (shared helpers).
 * Restores the global engine/mode/RNG after every test.
+* Runs the suite on the NumPy reference engine by default: the library's
+  default is ``numba``, but a hand-written test should not depend on which
+  engine the machine picks.  ``NETLITE_CPU_ENGINE=numba pytest`` runs it on
+  the fast engine instead; LayerTestCase's parity tests and every test that
+  calls ``set_cpu_engine`` choose their engines themselves.  Set in the
+  environment, so the subprocesses tests start (the CLI, examples) inherit
+  it; tests of the default itself remove it.
 """
 
 import os
@@ -12,6 +19,7 @@ import sys
 
 import pytest
 
+os.environ.setdefault("NETLITE_CPU_ENGINE", "numpy")
 sys.path.insert(0, os.path.dirname(__file__))
 
 try:

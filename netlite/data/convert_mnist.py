@@ -20,10 +20,10 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 
 import numpy as np
 
+from netlite import io
 from netlite.data import catalog, idx, lookup
 from netlite.data.lmdb import import_lmdb
 from netlite.proto import netlite_pb2
@@ -107,10 +107,11 @@ def convert_mnist(images_path, labels_path, db_path, backend="lmdb"):
     # Build in a sibling temporary directory and rename it into place, so an
     # interrupted conversion never leaves a partial database under db_path.
     parent = os.path.dirname(os.path.abspath(db_path))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(db_path)}.", dir=parent)
+    # The directory and the files get the umask's permissions, as mkdir and
+    # open() give them (lmdb drops the execute bits of ``mode`` for files).
+    tmp = io.make_temp_dir(parent, prefix=f".{os.path.basename(db_path)}.")
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the database
-        env = lmdb.open(tmp, map_size=map_size, subdir=True)
+        env = lmdb.open(tmp, map_size=map_size, subdir=True, mode=0o777)
         try:
             _write_records(env, images, labels.view(np.int8))
         finally:

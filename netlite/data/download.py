@@ -11,10 +11,10 @@ import hashlib
 import logging
 import os
 import sys
-import tempfile
 import urllib.error
 from pathlib import Path
 
+from netlite import io
 from netlite.data.catalog import cache_dir, file_in, get_spec
 from netlite.data.idx import IDXFormatError, read_idx_bytes
 from netlite.data.verify import ChecksumError, md5_hex
@@ -103,8 +103,9 @@ def _download_stem(directory, spec, stem, mirrors, progress):
 
 def _download_one(url, dest, spec, stem, progress):
     logger.info("Downloading %s", url)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part",
-                               dir=dest.parent)
+    # The umask's permissions (mkstemp's 0600 would hide the cached data).
+    fd, tmp = io.make_temp_file(dest.parent, prefix=f".{dest.name}.",
+                                suffix=".part")
     try:
         digest = hashlib.md5(usedforsecurity=False)
         opener = _urlopen

@@ -38,9 +38,10 @@ The pycaffe-shaped API::
 
     solver = netlite.get_solver("lenet_solver.prototxt")
     solver.step(100)            # or solver.solve(resume_file=None)
-    solver.net, solver.test_nets, solver.iter
+    solver.net, solver.test_nets, solver.iter, solver.lr
     path = solver.snapshot()    # "<prefix>_iter_<N>.solverstate"
     solver.restore(path)
+    solver = netlite.SGDSolver("lenet_solver.prototxt")   # a given class
 """
 
 import logging
@@ -51,6 +52,7 @@ import numpy as np
 
 from netlite import backend, io, rng
 from netlite.proto import netlite_pb2
+from netlite.solvers.lr_policy import learning_rate
 from netlite.solvers.nets import build_test_nets, build_train_net
 from netlite.solvers.params import check_solver_param, read_solver
 from netlite.solvers.snapshot import (
@@ -289,23 +291,24 @@ class Solver(SolverUpdate):
         """The loss averaged over the last ``average_loss`` iterations."""
         return self._smoothed_loss
 
+    @property
+    def lr(self):
+        """The learning rate the next update will use (pycaffe's
+        ``solver.lr``); reading it changes nothing."""
+        return learning_rate(self.param, self.iter, self.current_step)[0]
+
+    def share_weights(self, net):
+        """Make ``net``'s same-named layers use the train net's parameters
+        (pycaffe's ``solver.share_weights(net)``)."""
+        net.share_trained_layers_with(self.net)
+
     def _output_arrays(self, net=None):
         net = net or self.net
         return [(name, backend.to_numpy(net.blobs[name].data))
                 for name in net.outputs]
 
-    @staticmethod
-    def _loss_weights(net):
-        # Caffe's blob_loss_weights: the weight the last layer writing a
-        # blob gave it (an in-place layer overwrites its producer's).
-        weights = {}
-        for layer_id, layer in enumerate(net.layers):
-            for j, name in enumerate(net.top_names(layer_id)):
-                weights[name] = layer.loss(j)
-        return weights
-
     def _log_outputs(self, net, kind, outputs):
-        weights = self._loss_weights(net)
+        weights = net.blob_loss_weights
         index = 0
         for name, values in outputs:
             weight = weights.get(name, 0.0)

@@ -12,10 +12,13 @@ is left alone, so plotting works on headless machines and inside programs
 that use matplotlib themselves.
 """
 
+import io as _io
 import math
 import os
 
 import numpy as np
+
+from netlite import io
 
 
 class TrainingHistory:
@@ -28,13 +31,17 @@ class TrainingHistory:
         iteration.
     tests : dict of int -> dict of str -> list of (int, float)
         ``tests[test_net_id][output_name]`` lists ``(iteration, mean value)``
-        for each test pass.
+        for each test pass (scalar outputs only).
+    test_iters : dict of int -> list of int
+        ``test_iters[test_net_id]``: the iteration of every test pass that
+        ran, whatever its outputs.
     """
 
     def __init__(self):
         self.train_iters = []
         self.train_loss = []
         self.tests = {}
+        self.test_iters = {}
 
     def add_train(self, iteration, loss):
         """Record the training loss of ``iteration``."""
@@ -47,6 +54,7 @@ class TrainingHistory:
         Outputs with more than one element (a per-class accuracy, say) are
         not curves; they are left out.
         """
+        self.test_iters.setdefault(int(test_net_id), []).append(int(iteration))
         net = self.tests.setdefault(int(test_net_id), {})
         for name, value in outputs.items():
             value = np.asarray(value)
@@ -58,6 +66,20 @@ class TrainingHistory:
         """The last recorded value of a test output, or None."""
         series = self.tests.get(test_net_id, {}).get(name)
         return series[-1][1] if series else None
+
+    def last_test(self, test_net_id=0):
+        """``(iteration, {output name: value})`` of the last test pass of
+        ``test_net_id``, or None when none ran (scalar outputs only)."""
+        iters = self.test_iters.get(test_net_id)
+        if not iters:
+            return None
+        iteration = iters[-1]
+        outputs = {
+            name: series[-1][1]
+            for name, series in self.tests.get(test_net_id, {}).items()
+            if series and series[-1][0] == iteration
+        }
+        return iteration, outputs
 
     def accuracy_outputs(self):
         """``(test_net_id, name)`` of every output whose name says accuracy."""
@@ -152,7 +174,7 @@ def plot_history(history, out_dir, prefix="", title=None):
         ax.legend()
     fig.tight_layout()
     path = os.path.join(out_dir, f"{prefix}loss.png")
-    fig.savefig(path)
+    _save(fig, path)
     paths.append(path)
 
     accuracy = history.accuracy_outputs()
@@ -184,6 +206,15 @@ def plot_history(history, out_dir, prefix="", title=None):
             axes[1].set_title("without the first test")
         fig.tight_layout()
         path = os.path.join(out_dir, f"{prefix}accuracy.png")
-        fig.savefig(path)
+        _save(fig, path)
         paths.append(path)
     return paths
+
+
+def _save(fig, path):
+    """Write ``fig`` as PNG through :func:`netlite.io.atomic_write_bytes`:
+    never a half-written plot after Ctrl-C, and the same permissions as
+    every other output file."""
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png")
+    io.atomic_write_bytes(path, buf.getvalue())

@@ -391,3 +391,109 @@ def test_env_var_rejects_unknown_engine():
     result = _engine_in_subprocess("fortran")
     assert result.returncode != 0
     assert "NETLITE_CPU_ENGINE='fortran' is not one of numpy, numba" in result.stderr
+
+
+# The library's default engine, in fresh processes without NETLITE_CPU_ENGINE
+# (tests/conftest.py sets it to numpy for the rest of the suite).
+_BLOCK_NUMBA = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'numba':
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _default_in_subprocess(prelude="", env_extra=None, engine=None):
+    code = prelude + (
+        "import sys, netlite\n"
+        "imported = 'numba' in sys.modules\n"
+        "print(netlite.cpu_engine(), imported)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NETLITE_CPU_ENGINE"}
+    if engine is not None:
+        env["NETLITE_CPU_ENGINE"] = engine
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+
+
+def test_default_engine_is_numba():
+    """The fast engine by default; resolved on first use, so `import
+    netlite` still does not import Numba."""
+    if not backend.numba_available():
+        pytest.skip("numba missing")
+    result = _default_in_subprocess()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["numba", "False"]
+
+
+def test_empty_env_var_means_the_default():
+    if not backend.numba_available():
+        pytest.skip("numba missing")
+    result = _default_in_subprocess(engine=" ")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["numba", "False"]
+
+
+def test_default_engine_without_numba_is_numpy():
+    result = _default_in_subprocess(prelude=_BLOCK_NUMBA)
+    assert result.returncode == 0, result.stderr  # and no warning (-W error)
+    assert result.stdout.split() == ["numpy", "False"]
+
+
+def test_default_engine_with_a_broken_numba_is_numpy_with_a_warning(tmp_path):
+    fake = tmp_path / "numba"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "raise ImportError('Numba needs NumPy 1.x (planted)')\n"
+    )
+    result = _default_in_subprocess(
+        prelude="import warnings; warnings.simplefilter('default')\n",
+        env_extra={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["numpy", "False"]
+    assert "RuntimeWarning: Numba is installed but does not import" in result.stderr
+    assert "Numba needs NumPy 1.x (planted)" in result.stderr
+
+
+def test_numpy_is_one_setting_away_from_the_default():
+    result = _default_in_subprocess(engine="numpy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["numpy", "False"]
+
+
+def test_cli_runs_on_the_default_engine(tmp_path):
+    """`netlite` without --engine uses the library default; --engine numpy
+    selects the reference."""
+    if not backend.numba_available():
+        pytest.skip("numba missing")
+    model = tmp_path / "tiny.prototxt"
+    model.write_text("""
+layer { name: "data" type: "DummyData" top: "x" top: "y"
+  dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
+  inner_product_param { num_output: 2 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" }
+""")
+    env = {k: v for k, v in os.environ.items() if k != "NETLITE_CPU_ENGINE"}
+    for extra, expected in (([], "numba"), (["--engine", "numpy"], "numpy")):
+        result = subprocess.run(
+            [sys.executable, "-c",
+             "import sys; from netlite.tools.cli import main; sys.exit(main())",
+             "time", "--model", str(model), "--iterations", "1", *extra],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"Use CPU ({expected} engine)." in result.stdout + result.stderr
+
+
+def test_suite_runs_on_the_engine_of_the_environment():
+    """tests/conftest.py pins the suite to NETLITE_CPU_ENGINE, numpy unless
+    set: hand-written tests run on the reference by default."""
+    name = os.environ["NETLITE_CPU_ENGINE"].strip().lower()
+    assert backend.cpu_engine() == (name or backend.default_cpu_engine())

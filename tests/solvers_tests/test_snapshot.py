@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -405,6 +406,23 @@ def test_snapshots_go_through_atomic_writes(tmp_path, monkeypatch):
     assert [os.path.basename(p) for p in written] == [
         "snap_iter_1.caffemodel", "snap_iter_1.solverstate"
     ]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_snapshot_files_get_the_umask_permissions(tmp_path, umask):
+    # As open() creates files (the policy of every netlite output), not
+    # mkstemp's 0600.
+    previous = os.umask(umask)
+    try:
+        solver, _ = make_solver(tmp_path, np.float32)
+        solver.step(1)
+        solver.snapshot()
+    finally:
+        os.umask(previous)
+    for name in ("snap_iter_1.caffemodel", "snap_iter_1.solverstate"):
+        st_mode = (tmp_path / "run" / name).stat().st_mode
+        assert stat.S_IMODE(st_mode) == 0o666 & ~umask, name
 
 
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])

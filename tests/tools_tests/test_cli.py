@@ -327,9 +327,11 @@ def test_train_writes_plots_snapshots_and_summary(solver_file, tmp_path, capsys)
     assert any(re.match(r"Iteration 10 \(.* iter/s, .*\), loss = ", m) for m in msgs)
     assert any(m.startswith("Iteration 40, Testing net (#0)") for m in msgs)
     assert "Optimization Done." in msgs
-    # The summary: final accuracy (the problem is easy), weights and plots.
+    # The summary: the last test (at the last iteration; the problem is
+    # easy), weights and plots.
     final = re.search(
-        r"^Final test accuracy \(test net #0, iteration 40\): ([0-9.]+)$", out, re.M
+        r"^Last test \(iteration 40\): accuracy = ([0-9.]+), loss = [0-9.e+-]+$",
+        out, re.M,
     )
     assert final and float(final.group(1)) >= 0.95, out
     snap = tmp_path / "snapshots"
@@ -427,7 +429,7 @@ def test_quiet_hides_info_lines(solver_file, capsys):
     assert cli.main(["-q", "train", "--solver", solver_file]) == 0
     out = capsys.readouterr().out
     assert "Iteration" not in out
-    assert "Final test accuracy" in out
+    assert re.search(r"^Last test \(iteration 40\): accuracy = ", out, re.M)
 
 
 # ---------------------------------------------------------- convert-mnist
