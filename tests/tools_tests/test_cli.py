@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import netlite
-from netlite.data import catalog, idx
+from netlite.data import idx
 from netlite.tools import cli, commands, logs, plotting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,24 +37,6 @@ layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
 layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss"
   loss_weight: 3 }
 """
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    # main() installs a stdout handler on the "netlite" logger; take it
-    # away again so later tests (and caplog) see the usual set-up.
-    netlite_logger = logging.getLogger("netlite")
-    level, propagate = netlite_logger.level, netlite_logger.propagate
-    handlers = list(netlite_logger.handlers)
-    yield
-    if logs._handler is not None:
-        netlite_logger.removeHandler(logs._handler)
-        logs._handler = None
-    netlite_logger.handlers[:] = handlers
-    netlite_logger.setLevel(level)
-    netlite_logger.propagate = propagate
-    netlite.set_mode_cpu()
-    catalog.set_data_dir(None)
 
 
 def _messages(text):

@@ -16,7 +16,7 @@ import pytest
 
 import netlite
 from netlite import backend
-from netlite.tools import cli, devices, logs
+from netlite.tools import cli, devices
 
 TINY_NET = """
 name: "tiny"
@@ -26,21 +26,6 @@ layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
   inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
 layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" }
 """
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    netlite_logger = logging.getLogger("netlite")
-    level, propagate = netlite_logger.level, netlite_logger.propagate
-    handlers = list(netlite_logger.handlers)
-    yield
-    if logs._handler is not None:
-        netlite_logger.removeHandler(logs._handler)
-        logs._handler = None
-    netlite_logger.handlers[:] = handlers
-    netlite_logger.setLevel(level)
-    netlite_logger.propagate = propagate
-    netlite.set_mode_cpu()
 
 
 def parse(argv):

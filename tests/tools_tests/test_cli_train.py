@@ -16,7 +16,6 @@ import types
 
 import pytest
 
-import netlite
 from netlite.data import catalog
 from netlite.proto import netlite_pb2
 from netlite.tools import cli, commands, logs, plotting
@@ -32,22 +31,6 @@ NET = """
     inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
   layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss" }
 """
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    netlite_logger = logging.getLogger("netlite")
-    level, propagate = netlite_logger.level, netlite_logger.propagate
-    handlers = list(netlite_logger.handlers)
-    yield
-    if logs._handler is not None:
-        netlite_logger.removeHandler(logs._handler)
-        logs._handler = None
-    netlite_logger.handlers[:] = handlers
-    netlite_logger.setLevel(level)
-    netlite_logger.propagate = propagate
-    netlite.set_mode_cpu()
-    catalog.set_data_dir(None)
 
 
 def write_solver(tmp_path, max_iter=8, test_interval=4, extra="", net=NET,
