@@ -13,13 +13,13 @@ import sys
 
 import numpy as np
 import pytest
+from cli_testing import GLOG_LINE, glog_messages
 
 import netlite
 from netlite.data import idx
 from netlite.tools import cli, commands, logs, plotting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-GLOG_LINE = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} [\w.]+:\d+\] ")
 
 # Constant inputs, so that every output is known exactly: x = 1 (4x3),
 # y = 0.5 (4x2) and an unconsumed output z = 2 (2 elements).
@@ -37,16 +37,6 @@ layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip"
 layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "y" top: "loss"
   loss_weight: 3 }
 """
-
-
-def _messages(text):
-    """The message part of every glog-formatted line."""
-    out = []
-    for line in text.splitlines():
-        m = GLOG_LINE.match(line)
-        if m:
-            out.append(line[m.end():])
-    return out
 
 
 def _write(path, text):
@@ -204,7 +194,7 @@ def test_time_reports_caffe_lines(tmp_path, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines and all(GLOG_LINE.match(line) for line in lines), out
-    msgs = _messages(out)
+    msgs = glog_messages(out)
     assert any(m.startswith("Initial loss: ") for m in msgs)
     assert "Testing for 3 iterations." in msgs
     assert sum(m.startswith("Iteration: ") for m in msgs) == 3
@@ -236,7 +226,7 @@ def test_time_runs_on_the_numba_engine(tmp_path, capsys):
     assert cli.main(["time", "--model", model, "--iterations", "1",
                      "--engine", "numba"]) == 0
     assert netlite.cpu_engine() == "numba"
-    assert "Use CPU (numba engine)." in _messages(capsys.readouterr().out)
+    assert "Use CPU (numba engine)." in glog_messages(capsys.readouterr().out)
 
 
 # ------------------------------------------------------------------ test
@@ -259,7 +249,7 @@ def test_test_reports_batches_and_means(tiny_weights, capsys):
     model, weights, loss = tiny_weights
     assert cli.main(["test", "--model", model, "--weights", weights,
                      "--iterations", "2"]) == 0
-    msgs = _messages(capsys.readouterr().out)
+    msgs = glog_messages(capsys.readouterr().out)
     assert "Running for 2 iterations." in msgs
     for i in range(2):
         batch = [m for m in msgs if m.startswith(f"Batch {i}, ")]
@@ -304,7 +294,7 @@ def test_train_writes_plots_snapshots_and_summary(solver_file, tmp_path, capsys)
                      "--engine", "numpy"])
     out = capsys.readouterr().out
     assert code == 0, out
-    msgs = _messages(out)
+    msgs = glog_messages(out)
     # The solver's Caffe-style lines come through the CLI's handler.
     assert any(re.match(r"Iteration 10 \(.* iter/s, .*\), loss = ", m) for m in msgs)
     assert any(m.startswith("Iteration 40, Testing net (#0)") for m in msgs)

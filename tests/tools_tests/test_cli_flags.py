@@ -13,6 +13,7 @@ import sys
 import types
 
 import pytest
+from cli_testing import glog_messages
 
 import netlite
 from netlite import backend
@@ -257,14 +258,10 @@ def fake_gpus(monkeypatch):
     return install
 
 
-def _messages(out):
-    return [line.split("] ", 1)[1] for line in out.splitlines() if "] " in line]
-
-
 def test_device_query_reports_caffe_lines(fake_gpus, capsys):
     fake_gpus(2)
     assert cli.main(["device_query"]) == 0
-    msgs = _messages(capsys.readouterr().out)
+    msgs = glog_messages(capsys.readouterr().out)
     assert msgs[0] == "Querying GPUs all"
     assert msgs.count("Name:                          Fake GPU 0") == 1
     assert "Name:                          Fake GPU 1" in msgs

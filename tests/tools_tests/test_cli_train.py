@@ -15,12 +15,11 @@ import sys
 import types
 
 import pytest
+from cli_testing import GLOG_LINE, glog_messages
 
 from netlite.data import catalog
 from netlite.proto import netlite_pb2
 from netlite.tools import cli, commands, logs, plotting
-
-GLOG_LINE = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} [\w.]+:\d+\] ")
 
 NET = """
   name: "dummy"
@@ -50,15 +49,6 @@ random_seed: 1
 {extra}
 """)
     return str(path)
-
-
-def messages(text):
-    out = []
-    for line in text.splitlines():
-        m = GLOG_LINE.match(line)
-        if m:
-            out.append(line[m.end():])
-    return out
 
 
 # -------------------------------------------------------------- progress
@@ -175,7 +165,7 @@ def test_train_in_a_terminal_shows_the_bar(tmp_path, monkeypatch):
     out = terminal.getvalue()
     assert "8/8" in out and "\r" in out  # tqdm's bar, redrawn in place
     assert "Progress:" not in out        # and no records
-    assert any(m == "Optimization Done." for m in messages(out))
+    assert any(m == "Optimization Done." for m in glog_messages(out))
 
 
 def test_train_in_a_log_writes_progress_records(tmp_path, capsys):
@@ -184,7 +174,7 @@ def test_train_in_a_log_writes_progress_records(tmp_path, capsys):
     assert not result.interrupted
     out = capsys.readouterr().out
     assert "\r" not in out
-    records = [m for m in messages(out) if m.startswith("Progress: ")]
+    records = [m for m in glog_messages(out) if m.startswith("Progress: ")]
     assert len(records) == 9, records  # one per iteration, then the end
     match = re.fullmatch(
         r"Progress: iteration 1/8 \(12%\), ([0-9.]+) iter/s, ([0-9]+) images/s, "
@@ -204,7 +194,7 @@ def test_cli_through_a_pipe_writes_progress_records(tmp_path):
         capture_output=True, text=True, timeout=120,  # stdout is a pipe
     )
     assert result.returncode == 0, result.stderr
-    msgs = messages(result.stdout)
+    msgs = glog_messages(result.stdout)
     records = [m for m in msgs if m.startswith("Progress: iteration ")]
     assert [int(re.match(r"Progress: iteration (\d+)/30", m).group(1))
             for m in records] == list(range(1, 31))
@@ -379,7 +369,7 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label"
 """)
     assert cli.main(["time", "-model", str(model), "-iterations", "1",
                      "-phase", "TEST"]) == 0
-    msgs = messages(capsys.readouterr().out)
+    msgs = glog_messages(capsys.readouterr().out)
     line = next(m for m in msgs if m.startswith("Data folder of mnist: "))
     assert line.startswith(f"Data folder of mnist: {found[0]} (from ")
     # Logged before the work starts.
@@ -423,7 +413,7 @@ def test_signal_snapshot_effect_snapshots_and_goes_on(tmp_path, capsys, signame,
                      "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
-    assert f"{signame} received: snapshotting iteration 4" in messages(out)
+    assert f"{signame} received: snapshotting iteration 4" in glog_messages(out)
     assert (tmp_path / "snap_iter_4.caffemodel").is_file()
     assert (tmp_path / "snap_iter_4.solverstate").is_file()
     assert (tmp_path / "snap_iter_8.caffemodel").is_file()  # ran to the end
@@ -438,7 +428,7 @@ def test_sighup_stop_effect_stops_after_a_snapshot(tmp_path, capsys,
     captured = capsys.readouterr()
     assert code == cli.EXIT_HANGUP == 129
     assert "netlite train: stopped by SIGHUP at iteration 4" in captured.err
-    assert "SIGHUP received: stopping" in messages(captured.out)
+    assert "SIGHUP received: stopping" in glog_messages(captured.out)
     assert (tmp_path / "snap_iter_4.solverstate").is_file()
     assert not (tmp_path / "snap_iter_8.caffemodel").exists()
 
