@@ -19,7 +19,9 @@ class AccuracyLayer(Layer):
 
     .. math:: \#\{c : x_{n,c,i} \ge x_{n,l,i}\} \le k
 
-    (ties count against the true class).  Positions whose label equals
+    (ties count against the true class); with ``min_is_better``
+    (happynear) the smallest scores win: ``x_{n,c,i} <= x_{n,l,i}``.
+    Positions whose label equals
     ``ignore_label`` are skipped; accuracy = correct / valid, or 0 when no
     position is valid.
 
@@ -33,7 +35,7 @@ class AccuracyLayer(Layer):
 
     Parameters (``accuracy_param``)
         ``top_k`` (1; must be in ``[1, C]``), ``axis`` (1, negative
-        allowed), ``ignore_label`` (unset).
+        allowed), ``ignore_label`` (unset), ``min_is_better`` (false).
 
     There is no gradient: backward raises when asked to propagate, and
     ``force_backward`` does not reach the bottoms.  See
@@ -56,6 +58,7 @@ class AccuracyLayer(Layer):
                 f"{self.describe()}: top_k must be at least 1, got {self.top_k}"
             )
         self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
+        self.min_is_better = bool(p.min_is_better)
 
     def reshape(self, bottom, top):
         self.axis = self.canonical_axis(bottom[0],
@@ -96,7 +99,9 @@ class AccuracyLayer(Layer):
         valid = labels >= 0
         # Ignored positions are coded -1; gather at class 0 and mask.
         true_score = xp.take_along_axis(x, xp.where(valid, labels, 0), axis=1)
-        rank = (x >= true_score).sum(axis=1, keepdims=True)
+        # The classes that beat or tie the true one (itself included).
+        better = x <= true_score if self.min_is_better else x >= true_score
+        rank = better.sum(axis=1, keepdims=True)
         correct = valid & (rank <= self.top_k)
         num_valid = int(valid.sum())
         num_correct = int(correct.sum())

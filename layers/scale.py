@@ -1,7 +1,12 @@
 """Scale: multiply by a learned or given scale, broadcast; optional bias.
 
+Also the two scale bounds of the normalised softmax losses (L2-softmax's
+alpha_low, NormFace's loss bound), as small pure functions.
+
 See docs/layers/scale.md.
 """
+
+import math
 
 from netlite.errors import LayerSetupError
 from netlite.layer import Layer
@@ -30,7 +35,9 @@ class ScaleLayer(Layer):
         0 = scalar), ``filler`` (constant **1** when absent), ``bias_term``
         (false), ``bias_filler`` (constant 0).  ``num_axes`` and ``filler``
         apply only to a learned scale (a single bottom); a scalar s forces
-        ``axis = 0``.
+        ``axis = 0``.  ``min_value`` / ``max_value`` (happynear, unset):
+        every forward clamps the learned scale *in place* to
+        ``[min_value, max_value]`` before using it (learned scale only).
 
     Parameter blobs are ``[s]`` (learned scale), then the bias ``b`` when
     ``bias_term`` is set; the bias is added by an internal Bias layer, as in
@@ -52,6 +59,7 @@ class ScaleLayer(Layer):
     def layer_setup(self, bottom, top):
         p = self.layer_param.scale_param
         learned = len(bottom) == 1
+        self._setup_clamp(p, learned)
         expected = int(learned) + int(p.bias_term)
         if len(self.blobs) > expected:
             raise LayerSetupError(
@@ -69,6 +77,31 @@ class ScaleLayer(Layer):
             self.blobs = [scale]
         if p.bias_term:
             self._setup_bias(bottom, top, have_bias=len(self.blobs) == expected)
+
+    def _setup_clamp(self, p, learned):
+        self.min_value = float(p.min_value) if p.HasField("min_value") else None
+        self.max_value = float(p.max_value) if p.HasField("max_value") else None
+        bounds = [v for v in (self.min_value, self.max_value) if v is not None]
+        if not bounds:
+            return
+        if not learned:
+            raise LayerSetupError(
+                f"{self.describe()}: scale_param.min_value / max_value clamp a "
+                "learned scale; with the scale given as bottom[1] they would "
+                "overwrite another layer's top (happynear does), so netlite "
+                "refuses them"
+            )
+        if not all(math.isfinite(v) for v in bounds):
+            raise LayerSetupError(
+                f"{self.describe()}: scale_param.min_value / max_value must be "
+                f"finite, got min_value {self.min_value}, max_value "
+                f"{self.max_value}"
+            )
+        if len(bounds) == 2 and self.min_value > self.max_value:
+            raise LayerSetupError(
+                f"{self.describe()}: scale_param.min_value ({self.min_value}) "
+                f"is larger than max_value ({self.max_value})"
+            )
 
     def _setup_bias(self, bottom, top, have_bias):
         p = self.layer_param.scale_param
@@ -116,6 +149,12 @@ class ScaleLayer(Layer):
     def forward_cpu(self, bottom, top):
         if top[0] is bottom[0]:
             self._x_saved.data[...] = bottom[0].data
+        # happynear: clamp the stored learned scale in place (the gradient
+        # below is then taken at the clamped value).
+        if self.min_value is not None:
+            self.xp.maximum(self.blobs[0].data, self.min_value, out=self.blobs[0].data)
+        if self.max_value is not None:
+            self.xp.minimum(self.blobs[0].data, self.max_value, out=self.blobs[0].data)
         s = self._scale_blob(bottom).data.reshape(1, self.scale_dim, 1)
         self.xp.multiply(self._view(bottom[0].data), s, out=self._view(top[0].data))
         if self.bias_layer is not None:
@@ -141,3 +180,54 @@ class ScaleLayer(Layer):
         if propagate_down[0]:
             s = scale.data.reshape(1, self.scale_dim, 1)
             self.xp.multiply(dy, s, out=self._view(bottom[0].diff))
+
+
+def l2_softmax_alpha_low(num_classes, p):
+    r"""The L2-softmax lower bound on the feature scale alpha.
+
+    .. math:: \alpha_{low} = \log\frac{p\,(C - 2)}{1 - p}
+
+    (Ranjan et al. 2017): with unit class weights, one class at cos = 1,
+    one at cos = -1 and C - 2 orthogonal, the true class reaches softmax
+    probability ``p`` only when alpha exceeds it (the e^{-alpha} term
+    dropped).  Needs C >= 3 and 0 < p < 1.  See docs/layers/scale.md.
+    """
+    c, p = int(num_classes), float(p)
+    if c < 3 or not 0.0 < p < 1.0:
+        raise ValueError(
+            f"l2_softmax_alpha_low needs num_classes >= 3 and 0 < p < 1, got "
+            f"num_classes {num_classes}, p {p}"
+        )
+    return math.log(p * (c - 2) / (1.0 - p))
+
+
+def normface_loss_bound(num_classes, s):
+    r"""NormFace's lower bound of the normalised softmax loss at scale s.
+
+    .. math:: L \ge \log\bigl(1 + (C - 1)\,e^{-C s / (C - 1)}\bigr)
+
+    reached when the C class vectors form a regular simplex (K >= C - 1)
+    and every feature sits on its class vector.  See docs/layers/scale.md.
+    """
+    c, s = int(num_classes), float(s)
+    if c < 2 or not s >= 0.0:
+        raise ValueError(
+            f"normface_loss_bound needs num_classes >= 2 and s >= 0, got "
+            f"num_classes {num_classes}, s {s}"
+        )
+    return math.log1p((c - 1) * math.exp(-c * s / (c - 1)))
+
+
+def normface_min_scale(num_classes, loss):
+    r"""The smallest scale s whose NormFace bound allows ``loss``:
+    :func:`normface_loss_bound` solved for s,
+
+    .. math:: s = \frac{C - 1}{C}\,\log\frac{C - 1}{e^{L} - 1} .
+    """
+    c, loss = int(num_classes), float(loss)
+    if c < 2 or not 0.0 < loss < math.log(c):
+        raise ValueError(
+            f"normface_min_scale needs num_classes >= 2 and 0 < loss < log C, "
+            f"got num_classes {num_classes}, loss {loss}"
+        )
+    return (c - 1) / c * math.log((c - 1) / math.expm1(loss))

@@ -17,6 +17,15 @@ Caffe's conventions, kept on purpose:
 * ``msra`` draws from N(0, 2/n) with the same n;
 * fan_in = count / shape[0] and fan_out = count / shape[1] (count for a
   1-D blob).
+
+``gaussian_unitball`` (happynear/caffe-windows, used by NormFace's
+normalised InnerProduct) draws N(0, 1) -- ``mean`` and ``std`` are ignored,
+as in happynear's filler -- and divides each of the ``shape[0]`` rows
+(``count / shape[0]`` values each) by ``sqrt(sum of squares + 1e-12)``, so
+every row is a uniformly random unit vector.  For an InnerProduct weight
+``(N, K)`` these are the rows of W; a ``transpose: true`` blob ``(K, N)``
+gets unit rows of length N instead (happynear's rule, kept: the layer's
+``normalize`` fixes the columns on the first forward anyway).
 """
 
 import math
@@ -112,6 +121,17 @@ class PositiveUnitballFiller(Filler):
         _write(blob, values)
 
 
+class GaussianUnitballFiller(Filler):
+    """N(0, 1), then each of the shape[0] rows divided by its L2 norm
+    (``sqrt(sum x^2 + 1e-12)``); happynear's ``gaussian_unitball``."""
+
+    def fill(self, blob):
+        values = rng.get_rng().standard_normal(size=blob.shape)
+        rows = values.reshape(blob.shape[0] if blob.shape else 1, -1)
+        rows /= np.sqrt((rows * rows).sum(axis=1, keepdims=True) + 1e-12)
+        _write(blob, values)
+
+
 class XavierFiller(Filler):
     """U(-sqrt(3/n), +sqrt(3/n)); n from ``variance_norm`` (default fan_in)."""
 
@@ -150,6 +170,7 @@ _FILLERS = {
     "uniform": UniformFiller,
     "gaussian": GaussianFiller,
     "positive_unitball": PositiveUnitballFiller,
+    "gaussian_unitball": GaussianUnitballFiller,
     "xavier": XavierFiller,
     "msra": MSRAFiller,
     "bilinear": BilinearFiller,

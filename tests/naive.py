@@ -419,3 +419,412 @@ def dummy_data(num_tops, shapes=(), fillers=(), num=(), channels=(), height=(),
         else:
             raise ValueError(f"no oracle for the {kind[0]!r} filler")
     return out
+
+
+# ------------------------------------------- Normalize, InnerProduct
+# ------------------------------------------- (normalize), Scale (clamp),
+# ------------------------------------------- Accuracy (min_is_better)
+
+def normalize(x, normalize_type="L2", eps=1e-6):
+    """happynear's Normalize: ``(y, norm)``, per sample and spatial
+    position across axis 1; ``norm = sqrt(sum x^2 + eps)`` (L2) or
+    ``sum |x| + eps`` (L1), ``y = x / norm``; norm has axis 1 of size 1."""
+    n_, c = x.shape[0], x.shape[1]
+    xv = x.reshape(n_, c, -1)
+    y = np.empty_like(xv)
+    norm = np.empty((n_, 1, xv.shape[2]))
+    for n in range(n_):
+        for s in range(xv.shape[2]):
+            col = [float(v) for v in xv[n, :, s]]
+            if normalize_type == "L2":
+                value = math.sqrt(sum(v * v for v in col) + eps)
+            else:
+                value = sum(abs(v) for v in col) + eps
+            norm[n, 0, s] = value
+            for k in range(c):
+                y[n, k, s] = col[k] / value
+    return y.reshape(x.shape), norm.reshape((n_, 1) + x.shape[2:])
+
+
+def normalize_rows(w, eps=1e-6):
+    """Each row ``w_j / sqrt(|w_j|^2 + eps)`` (InnerProduct's ``normalize``)."""
+    out = np.empty_like(w)
+    for j in range(w.shape[0]):
+        out[j] = w[j] / math.sqrt(sum(float(v) * v for v in w[j]) + eps)
+    return out
+
+
+def inner_product_normalized(x, w, b=None, axis=1, transpose=False, eps=1e-6):
+    """InnerProduct with ``normalize: true``: the rows of the N x K matrix W
+    (the columns of the stored K x N blob when ``transpose``) normalised
+    with ``normalize_rows``, then ``inner_product``."""
+    wm = w.T if transpose else w
+    return inner_product(x, normalize_rows(wm, eps), b, axis, False)
+
+
+def accuracy_min_is_better(x, labels, top_k=1, axis=1, ignore_label=None):
+    """``accuracy`` with happynear's ``min_is_better``: a position is
+    correct when at most ``top_k`` classes score ``<=`` its label's score
+    (ties count against the label)."""
+    outer, c, inner = _columns(x.shape, axis)
+    xv = x.reshape(outer, c, inner)
+    lab = np.asarray(labels).reshape(outer, inner)
+    seen, hits = [0] * c, [0] * c
+    for n in range(outer):
+        for i in range(inner):
+            label = int(lab[n, i])
+            if ignore_label is not None and label == ignore_label:
+                continue
+            rank = sum(1 for j in range(c) if xv[n, j, i] <= xv[n, label, i])
+            seen[label] += 1
+            if rank <= top_k:
+                hits[label] += 1
+    valid = sum(seen)
+    per_class = np.array([h / s if s else 0.0 for h, s in zip(hits, seen)])
+    return (sum(hits) / valid if valid else 0.0), per_class
+
+
+def multiplicative_margin_psi(c, m):
+    """L-Softmax's ``psi_m`` from the angle: ``theta = acos(c)``,
+    ``k = floor(m theta / pi)`` (at most ``m - 1``),
+    ``psi = (-1)^k cos(m theta) - 2k``."""
+    theta = math.acos(min(1.0, max(-1.0, c)))
+    k = min(m - 1, math.floor(m * theta / math.pi))
+    return (-1) ** k * math.cos(m * theta) - 2 * k
+
+
+def margin_lambda(it, base=1.0, gamma=0.0, power=1.0, lambda_min=0.0):
+    """``max(lambda_min, base * (1 + gamma * it)^(-power))``."""
+    return max(lambda_min, base * (1.0 + gamma * it) ** (-power))
+
+
+def large_margin_inner_product(x, w, labels, m=1, lam=1.0, ignore_label=None,
+                               axis=1):
+    """L-Softmax logits: ``w_j . x_i`` off target, on target
+    ``(lam w.x + |w| |x| psi_m(cos theta)) / (1 + lam)``; an ignored row
+    (and m = 1) keeps the plain inner product.  Norms below 1e-12 count
+    as 1e-12 in the cosine."""
+    shape = x.shape[:axis % x.ndim]
+    xs = x.reshape(int(np.prod(shape)), -1)
+    lab = np.asarray(labels).reshape(-1)
+    z = np.zeros((xs.shape[0], w.shape[0]))
+    for i, xi in enumerate(xs):
+        nx = math.sqrt(sum(v * v for v in xi))
+        for j, wj in enumerate(w):
+            nw = math.sqrt(sum(v * v for v in wj))
+            dot = sum(a * b for a, b in zip(xi, wj))
+            z[i, j] = dot
+            if m > 1 and lab[i] == j and lab[i] != ignore_label:
+                c = dot / (max(nx, 1e-12) * max(nw, 1e-12))
+                psi = multiplicative_margin_psi(c, m)
+                z[i, j] = (lam * dot + nw * nx * psi) / (1 + lam)
+    return z.reshape(shape + (w.shape[0],))
+
+
+def margin_inner_product(x, w, labels, m=1, lam=1.0, ignore_label=None,
+                         axis=1):
+    """A-Softmax (SphereFace) logits: with ``w_hat_j = w_j / max(|w_j|,
+    1e-12)`` and ``c = x . w_hat / max(|x|, 1e-12)``, ``x . w_hat_j`` off
+    target and ``(lam x . w_hat + |x| psi_m(c)) / (1 + lam)`` on it; an
+    ignored row (and m = 1) keeps the plain ``x . w_hat_j``."""
+    shape = x.shape[:axis % x.ndim]
+    xs = x.reshape(int(np.prod(shape)), -1)
+    lab = np.asarray(labels).reshape(-1)
+    z = np.zeros((xs.shape[0], w.shape[0]))
+    for j, wj in enumerate(w):
+        w_hat = wj / max(math.sqrt(sum(v * v for v in wj)), 1e-12)
+        for i, xi in enumerate(xs):
+            nx = math.sqrt(sum(v * v for v in xi))
+            dot = sum(a * b for a, b in zip(xi, w_hat))
+            z[i, j] = dot
+            if m > 1 and lab[i] == j and lab[i] != ignore_label:
+                psi = multiplicative_margin_psi(dot / max(nx, 1e-12), m)
+                z[i, j] = (lam * dot + nx * psi) / (1 + lam)
+    return z.reshape(shape + (w.shape[0],))
+
+
+def _channel_columns(x):
+    """``x`` as ``(N, C, S)``: channels = axis 1 (1 for a 1-D array)."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    c = x.shape[1] if x.ndim >= 2 else 1
+    return x.reshape(n, c, -1)
+
+
+def _channel_moments(xv, k):
+    """Mean and biased variance of channel k of an (N, C, S) array, by
+    explicit sums."""
+    values = [float(v) for v in xv[:, k, :].ravel()]
+    mean = math.fsum(values) / len(values)
+    var = math.fsum((v - mean) ** 2 for v in values) / len(values)
+    return mean, var, len(values)
+
+
+def batch_norm(x, mean_acc=None, var_acc=None, factor=None,
+               use_global_stats=False, eps=1e-5):
+    """BVLC BatchNorm's output ``(x - mu) / sqrt(var + eps)`` per channel:
+    the batch mean and biased variance, or with ``use_global_stats`` the
+    accumulators divided by the scale factor (0 when the factor is 0)."""
+    xv = _channel_columns(x)
+    y = np.empty_like(xv)
+    for k in range(xv.shape[1]):
+        if use_global_stats:
+            f = float(np.ravel(factor)[0])
+            inv = 0.0 if f == 0 else 1.0 / f
+            mean, var = float(mean_acc[k]) * inv, float(var_acc[k]) * inv
+        else:
+            mean, var, _ = _channel_moments(xv, k)
+        y[:, k, :] = (xv[:, k, :] - mean) / math.sqrt(var + eps)
+    return y.reshape(np.shape(x))
+
+
+def batch_norm_update(x, mean_acc, var_acc, factor, fraction=0.999):
+    """BVLC BatchNorm's accumulators after one TRAIN forward on ``x``:
+    ``s' = lambda s + 1``, ``A_mu' = mu + lambda A_mu``,
+    ``A_var' = m/(m-1) var + lambda A_var`` (factor 1 when m = 1)."""
+    xv = _channel_columns(x)
+    mean_out = np.empty(xv.shape[1])
+    var_out = np.empty(xv.shape[1])
+    for k in range(xv.shape[1]):
+        mean, var, m = _channel_moments(xv, k)
+        correction = m / (m - 1) if m > 1 else 1.0
+        mean_out[k] = mean + fraction * float(mean_acc[k])
+        var_out[k] = correction * var + fraction * float(var_acc[k])
+    return mean_out, var_out, np.array([fraction * float(np.ravel(factor)[0]) + 1])
+
+
+def bn(x, slope, bias, running_mean=None, running_inv_std=None,
+       batch_stats=True, eps=1e-5):
+    """The L-Softmax fork's BN: ``slope * (x - mu) * r + bias`` per channel,
+    with the batch mean and ``r = 1/sqrt(biased var + eps)``, or (TEST
+    phase, frozen) ``mu`` and ``r`` read from the running blobs."""
+    xv = _channel_columns(x)
+    y = np.empty_like(xv)
+    for k in range(xv.shape[1]):
+        if batch_stats:
+            mean, var, _ = _channel_moments(xv, k)
+            r = 1.0 / math.sqrt(var + eps)
+        else:
+            mean = float(np.ravel(running_mean)[k])
+            r = float(np.ravel(running_inv_std)[k])
+        g, b = float(np.ravel(slope)[k]), float(np.ravel(bias)[k])
+        y[:, k, :] = g * (xv[:, k, :] - mean) * r + b
+    return y.reshape(np.shape(x))
+
+
+def bn_update(x, running_mean, running_inv_std, momentum=0.9, eps=1e-5):
+    """The fork BN's running blobs after one TRAIN forward:
+    ``M' = (1 - momentum) mu + momentum M``,
+    ``R' = (1 - momentum) / sqrt(var + eps) + momentum R`` (biased var)."""
+    xv = _channel_columns(x)
+    c = xv.shape[1]
+    mean_out, inv_out = np.empty((1, c)), np.empty((1, c))
+    for k in range(c):
+        mean, var, _ = _channel_moments(xv, k)
+        mean_out[0, k] = ((1 - momentum) * mean
+                          + momentum * float(np.ravel(running_mean)[k]))
+        inv_out[0, k] = ((1 - momentum) / math.sqrt(var + eps)
+                         + momentum * float(np.ravel(running_inv_std)[k]))
+    return mean_out, inv_out
+
+
+def ring_loss(x, radius, loss_type="SQUARED", eps=1e-6, per_position=False):
+    """Ring loss over the samples of ``x`` (features = everything after
+    axis 0): SQUARED ``l_i = (|x_i| - R)^2 / 2``, CHARBONNIER
+    ``l_i = sqrt((|x_i| + eps - R)^2 + eps)``; the mean over the samples,
+    or the vector ``(l_i)`` with ``per_position``."""
+    x = np.asarray(x, dtype=np.float64)
+    rows = x.reshape(x.shape[0], -1)
+    r = float(np.ravel(radius)[0])
+    losses = []
+    for row in rows:
+        norm = math.sqrt(math.fsum(float(v) * float(v) for v in row))
+        if loss_type == "CHARBONNIER":
+            losses.append(math.sqrt((norm + eps - r) ** 2 + eps))
+        else:
+            losses.append(0.5 * (norm - r) ** 2)
+    if per_position:
+        return np.array(losses)
+    return np.array(math.fsum(losses) / max(len(losses), 1))
+
+
+def _log_softmax_column(col):
+    """``log softmax`` of one column (a list of floats), with log1p."""
+    m = max(col)
+    top = col.index(m)
+    rest = math.fsum(math.exp(v - m) for c, v in enumerate(col) if c != top)
+    return [v - m - math.log1p(rest) for v in col]
+
+
+def softmax_loss_ext(x, target, axis=1, ignore_label=None, normalization="VALID",
+                     class_weight=None, weighted=False, smoothing=0.0,
+                     temperature=1.0, per_position=False):
+    """SoftmaxWithLoss with netlite's loss_param extensions: ``(loss,
+    dloss/dx)`` for loss weight 1 (``dloss`` = d(sum of the per-position
+    losses) with ``per_position``, whose ``loss`` is the array of them).
+
+    ``target``: labels (outer * inner values) or, with the shape of ``x``,
+    target probabilities.  One position: ``t`` its (smoothed) target,
+    ``q = softmax(x / T)``, ``l = -T^2 sum_c w_c t_c log max(q_c,
+    FLT_MIN)``, ``dl/dx_c = T (sum_j w_j t_j q_c - w_c t_c)``; the divisor
+    is ``max(sum over positions of sum_c w_c t_c, FLT_MIN)`` when
+    ``weighted``, else Caffe's (at least 1).
+    """
+    outer, n, inner = _columns(x.shape, axis)
+    xv = x.reshape(outer, n, inner)
+    soft = np.shape(target) == x.shape and n > 1
+    tv = (np.asarray(target, np.float64).reshape(outer, n, inner) if soft
+          else np.asarray(target, np.float64).reshape(outer, inner))
+    w = [1.0] * n if class_weight is None else [float(v) for v in class_weight]
+    big_t = float(temperature)
+    losses = np.zeros((outer, inner))
+    grad = np.zeros((outer, n, inner))
+    valid, weight_sum = 0, 0.0
+    for i in range(outer):
+        for k in range(inner):
+            if soft:
+                t = [float(v) for v in tv[i, :, k]]
+            else:
+                label = float(tv[i, k])
+                if ignore_label is not None and label == ignore_label:
+                    continue
+                t = [1.0 if c == int(label) else 0.0 for c in range(n)]
+            t = [(1 - smoothing) * v + smoothing / n for v in t]
+            log_q = _log_softmax_column([float(v) / big_t for v in xv[i, :, k]])
+            wt = [w[c] * t[c] for c in range(n)]
+            wbar = math.fsum(wt)
+            losses[i, k] = -big_t * big_t * math.fsum(
+                wt[c] * max(log_q[c], math.log(FLT_MIN)) for c in range(n))
+            for c in range(n):
+                grad[i, c, k] = big_t * (wbar * math.exp(log_q[c]) - wt[c])
+            valid += 1
+            weight_sum += wbar
+    shape = x.shape[:axis % x.ndim] + x.shape[axis % x.ndim + 1:]
+    if per_position:
+        return losses.reshape(shape), grad.reshape(x.shape)
+    if weighted:
+        z = max(weight_sum, FLT_MIN)
+    else:
+        z = max(1, {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer,
+                    "NONE": 1}[normalization])
+    return math.fsum(losses.ravel()) / z, grad.reshape(x.shape) / z
+
+
+def focal_loss(x, labels, axis=1, ignore_label=None, normalization="VALID",
+               gamma=2.0, alpha=1.0, class_weight=None, weighted=False,
+               per_position=False, one_add_p=False):
+    """Softmax focal loss ``-alpha w_l (1 -+ p_l)^gamma log max(p_l,
+    FLT_MIN)`` (ONEADDP: ``1 + p``) per position: ``(loss, dloss/dx)`` as
+    :func:`softmax_loss_ext`; the divisor is ``sum of w_l`` when
+    ``weighted``.  The gradient is the derivative of the unclamped loss,
+    ``d/dp`` times the softmax Jacobian."""
+    outer, n, inner = _columns(x.shape, axis)
+    xv = x.reshape(outer, n, inner)
+    lab = np.asarray(labels, np.float64).reshape(outer, inner)
+    w = [1.0] * n if class_weight is None else [float(v) for v in class_weight]
+    losses = np.zeros((outer, inner))
+    grad = np.zeros((outer, n, inner))
+    valid, weight_sum = 0, 0.0
+    for i in range(outer):
+        for k in range(inner):
+            label = float(lab[i, k])
+            if ignore_label is not None and label == ignore_label:
+                continue
+            y = int(label)
+            log_p = _log_softmax_column([float(v) for v in xv[i, :, k]])
+            lp = log_p[y]
+            p = math.exp(lp)
+            a = alpha * w[y]
+            v = 1 + p if one_add_p else -math.expm1(lp)
+            losses[i, k] = -a * v ** gamma * max(lp, math.log(FLT_MIN))
+            # The chain rule as written: dl/dp = -a (s gamma v^(gamma-1)
+            # log p + v^gamma / p), s = +-1 (v = 1 + s p), times dp/dx_c =
+            # p ([c = y] - p_c).  For 0 < p < 1 only (the layer's limits
+            # at p -> 0 and 1 are tested against closed forms).
+            s = 1.0 if one_add_p else -1.0
+            dl_dp = -a * (s * gamma * v ** (gamma - 1) * lp + v ** gamma / p)
+            for c in range(n):
+                pc = math.exp(log_p[c])
+                grad[i, c, k] = dl_dp * p * ((c == y) - pc)
+            valid += 1
+            weight_sum += w[y]
+    shape = x.shape[:axis % x.ndim] + x.shape[axis % x.ndim + 1:]
+    if per_position:
+        return losses.reshape(shape), grad.reshape(x.shape)
+    if weighted:
+        z = max(weight_sum, FLT_MIN)
+    else:
+        z = max(1, {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer,
+                    "NONE": 1}[normalization])
+    return math.fsum(losses.ravel()) / z, grad.reshape(x.shape) / z
+
+
+# ------------------------------------------------- additive margins (H3)
+def _per_class(value, num_classes):
+    """A scalar or a length-C sequence as C float64 values."""
+    return np.broadcast_to(np.asarray(value, dtype=np.float64), (num_classes,))
+
+
+def label_specific_add(x, labels, bias, only_above=False, ignore_label=None):
+    """LabelSpecificAdd: ``bias`` (scalar or one per class) added to each
+    row's target; ``only_above``: only where the target exceeds -bias."""
+    z = np.array(x, dtype=np.float64).reshape(np.shape(x)[0], -1)
+    b = _per_class(bias, z.shape[1])
+    for i, y in enumerate(np.asarray(labels, dtype=np.float64).reshape(-1)):
+        if ignore_label is not None and y == ignore_label:
+            continue
+        y = int(y)
+        if not only_above or z[i, y] > -b[y]:
+            z[i, y] += b[y]
+    return z.reshape(np.shape(x))
+
+
+def arc_margin_psi(c, m1=1.0, m2=0.0, m3=0.0, boundary="THMM"):
+    """psi(c) of the combined margin for one cosine (m2 in radians), from
+    the definitions: cos(m1 acos c + m2) - m3; THMM past m1 theta + m2 > pi:
+    c - delta sin(delta) - m3 with delta = pi - (pi - m2) / m1; EASY: c
+    where c <= 0."""
+    c = float(c)
+    if m1 == 1 and m2 == 0 and m3 == 0:
+        return c
+    cb = min(1.0, max(-1.0, c))
+    theta = math.acos(cb)
+    if boundary == "EASY" and not cb > 0:
+        return c
+    if boundary == "THMM" and m1 * theta + m2 > math.pi:
+        delta = math.pi - (math.pi - m2) / m1
+        return cb - delta * math.sin(delta) - m3
+    return math.cos(m1 * theta + m2) - m3
+
+
+def arc_margin_slope(c, m1=1.0, m2=0.0, boundary="THMM"):
+    """d psi / dc for one cosine with |c| < 1: m1 sin(m1 theta + m2) /
+    sin(theta) on the margin branch, 1 elsewhere."""
+    c = float(c)
+    theta = math.acos(c)
+    if (m1 == 1 and m2 == 0) or (boundary == "EASY" and not c > 0) or (
+            boundary == "THMM" and m1 * theta + m2 > math.pi):
+        return 1.0
+    return m1 * math.sin(m1 * theta + m2) / math.sin(theta)
+
+
+def label_specific_margin(x, labels, m1=1.0, m2=0.0, m3=0.0, boundary="THMM",
+                          ignore_label=None):
+    """LabelSpecificMargin: each row's target cosine replaced by
+    arc_margin_psi; ``m1``, ``m2`` scalars or one per class."""
+    z = np.array(x, dtype=np.float64).reshape(np.shape(x)[0], -1)
+    m1s, m2s = _per_class(m1, z.shape[1]), _per_class(m2, z.shape[1])
+    for i, y in enumerate(np.asarray(labels, dtype=np.float64).reshape(-1)):
+        if ignore_label is not None and y == ignore_label:
+            continue
+        y = int(y)
+        z[i, y] = arc_margin_psi(z[i, y], m1s[y], m2s[y], m3, boundary)
+    return z.reshape(np.shape(x))
+
+
+def sub_center_max(x, k, axis=1):
+    """SubCenterMax: the max over each class's k consecutive columns."""
+    x = np.asarray(x, dtype=np.float64)
+    axis = axis % x.ndim
+    shape = x.shape[:axis] + (x.shape[axis] // k, k) + x.shape[axis + 1:]
+    return x.reshape(shape).max(axis=axis + 1)

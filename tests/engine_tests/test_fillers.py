@@ -70,6 +70,42 @@ def test_positive_unitball(shape, dtype):
     np.testing.assert_allclose(rows, 1.0, rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
+# --------------------------------------------------------- gaussian_unitball
+@pytest.mark.parametrize("shape", SHAPES + [(3,)])
+def test_gaussian_unitball_rows_are_unit_vectors(shape, dtype):
+    # happynear's filler: each of the shape[0] rows (count / shape[0]
+    # values) has L2 norm 1 (1 - 1e-12 / (2 |row|^2) in exact arithmetic;
+    # a 1-D blob has rows of one value, +-1, where |row| may be small).
+    blob = _fill(shape, dtype, type="gaussian_unitball", mean=5, std=9)
+    rows = blob.data.reshape(shape[0], -1).astype(np.float64)
+    exact = dtype == np.float64 and rows.shape[1] > 1
+    np.testing.assert_allclose(np.sqrt((rows ** 2).sum(axis=1)), 1.0,
+                               rtol=1e-12 if exact else 1e-6)
+
+
+def test_gaussian_unitball_is_a_normalised_standard_gaussian():
+    # The draw is N(0, 1) whatever mean/std say (happynear ignores them):
+    # the same seed gives the standard Gaussian divided by its row norms,
+    # and the sign/direction statistics of a unit vector (mean 0,
+    # E[x_k^2] = 1/d).
+    netlite.set_random_seed(5)
+    blob = _fill((2000, 4), np.float64, type="gaussian_unitball", mean=5, std=9)
+    netlite.set_random_seed(5)
+    raw = netlite.rng.get_rng().standard_normal((2000, 4))
+    expected = raw / np.sqrt((raw ** 2).sum(axis=1, keepdims=True) + 1e-12)
+    np.testing.assert_allclose(blob.data, expected, rtol=1e-14)
+    assert abs(blob.data.mean()) < 0.03
+    np.testing.assert_allclose((blob.data ** 2).mean(axis=0), 0.25, rtol=0.1)
+
+
+def test_gaussian_unitball_normalises_rows_of_a_transposed_ip_blob():
+    # shape[0] rows, as happynear: an InnerProduct weight (N, K) gets unit
+    # rows of W; a transpose blob (K, N) gets unit rows of length N.
+    blob = _fill((5, 3), np.float64, type="gaussian_unitball")
+    np.testing.assert_allclose(np.linalg.norm(blob.data, axis=1), 1.0, rtol=1e-12)
+    assert np.abs(np.linalg.norm(blob.data, axis=0) - 1).max() > 1e-3
+
+
 # ------------------------------------------------------------------ gaussian
 @pytest.mark.parametrize("shape, tolerance", [
     ((2, 3, 4, 5), 3.0), ((125,), 3.0), ((8, 15), 3.0), ((2, 3, 4, 5, 2), 2.0),
@@ -187,13 +223,14 @@ def test_bilinear_needs_square_4d(shape):
 # -------------------------------------------------------------------- errors
 def test_unknown_filler_type():
     with pytest.raises(LayerSetupError, match="unknown filler type 'gausian'.*"
-                       "bilinear, constant, gaussian, msra, positive_unitball, "
-                       "uniform, xavier"):
+                       "bilinear, constant, gaussian, gaussian_unitball, msra, "
+                       "positive_unitball, uniform, xavier"):
         fillers.get_filler(FillerParameter(type="gausian"))
 
 
 @pytest.mark.parametrize("filler_type", ["constant", "uniform", "xavier", "msra",
-                                         "positive_unitball", "bilinear"])
+                                         "positive_unitball", "bilinear",
+                                         "gaussian_unitball"])
 def test_sparse_only_for_gaussian(filler_type):
     with pytest.raises(LayerSetupError, match="does not support sparse"):
         fillers.get_filler(FillerParameter(type=filler_type, sparse=3))
@@ -201,7 +238,7 @@ def test_sparse_only_for_gaussian(filler_type):
 
 # ------------------------------------------------------------ reproducibility
 @pytest.mark.parametrize("filler_type", ["uniform", "gaussian", "xavier", "msra",
-                                         "positive_unitball"])
+                                         "positive_unitball", "gaussian_unitball"])
 def test_set_random_seed_reproduces_fills(filler_type):
     def draw(seed, dtype=np.float64):
         netlite.set_random_seed(seed)

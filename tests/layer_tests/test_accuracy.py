@@ -1,6 +1,7 @@
 """Accuracy: the standard tests (LayerTestCase: forward only, the layer has
 no backward); ports of Caffe's test_accuracy_layer.cpp; then ties, empty
-batches, label validation, NaN scores and the no-backward contract."""
+batches, label validation, NaN scores and the no-backward contract; and
+happynear's min_is_better."""
 
 import re
 
@@ -26,6 +27,7 @@ class TestAccuracyLayer(LayerTestCase):
 
     has_backward = False
     shape, axis, top_k, ignore, tops = (12, 5), 1, 1, None, 1
+    min_is_better = False
     cases = {
         "top_1": {},
         "top_3": {"top_k": 3},
@@ -35,13 +37,18 @@ class TestAccuracyLayer(LayerTestCase):
         "ignore_out_of_range": {"ignore": 255},
         "spatial": {"shape": (2, 5, 2, 3), "top_k": 2, "tops": 2},
         "axis_last": {"shape": (3, 4, 5), "axis": -1, "ignore": 0, "tops": 2},
+        "min_top_1": {"min_is_better": True, "tops": 2},
+        "min_top_3": {"min_is_better": True, "top_k": 3},
+        "min_spatial_ignore": {"min_is_better": True, "shape": (2, 5, 2, 3),
+                               "top_k": 2, "ignore": 1, "tops": 2},
     }
 
     @property
     def layer(self):
         ignore = "" if self.ignore is None else f" ignore_label: {self.ignore}"
         return (f'type: "Accuracy" accuracy_param {{ top_k: {self.top_k} '
-                f"axis: {self.axis}{ignore} }}")
+                f"axis: {self.axis}{ignore} "
+                f"min_is_better: {str(self.min_is_better).lower()} }}")
 
     @property
     def bottoms(self):
@@ -52,8 +59,9 @@ class TestAccuracyLayer(LayerTestCase):
                 (label_shape, labels(classes, self.ignore, 4))]
 
     def oracle(self, bottoms, blobs):
-        acc, per_class = naive.accuracy(bottoms[0], bottoms[1], self.top_k,
-                                        self.axis, self.ignore)
+        rule = naive.accuracy_min_is_better if self.min_is_better else naive.accuracy
+        acc, per_class = rule(bottoms[0], bottoms[1], self.top_k, self.axis,
+                              self.ignore)
         return [np.array(acc), per_class][:self.tops]
 
 
@@ -85,9 +93,12 @@ def f(dtype):
     return Fixture(dtype)
 
 
-def accuracy_layer(top_k=None, axis=None, ignore_label=None, name="acc"):
+def accuracy_layer(top_k=None, axis=None, ignore_label=None, name="acc",
+                   min_is_better=None):
     param = netlite.io.LayerParameter(name=name, type="Accuracy")
     ap = param.accuracy_param
+    if min_is_better is not None:
+        ap.min_is_better = min_is_better
     if top_k is not None:
         ap.top_k = top_k
     if axis is not None:
@@ -350,3 +361,33 @@ def test_force_backward_net_skips_accuracy(dtype):
     assert float(net.blobs["accuracy"].data) == 0.75
     net.backward()  # Caffe aborts here (Accuracy has no backward)
     assert np.any(net.blobs["data"].diff != 0)
+
+
+# ------------------------------------------------ happynear: min_is_better
+def test_min_is_better_picks_the_smallest_score(dtype):
+    # Distances: the smallest is the prediction.  Ties count against the
+    # true class, as for the largest (happynear's <=).
+    scores = [[0.1, 0.5, 0.9], [2.0, 2.0, 3.0], [3.0, 1.0, 1.0], [0.0, 1.0, 2.0]]
+    labels = [0, 1, 2, 2]
+    (acc,) = _run(accuracy_layer(min_is_better=True), scores, labels, dtype)
+    assert float(acc) == 0.25  # row 0 only; rows 1, 2 tie, row 3 is wrong
+    (acc,) = _run(accuracy_layer(min_is_better=True, top_k=2), scores, labels,
+                  dtype)
+    assert float(acc) == 0.75  # rows 0, 1 and 2
+    (acc,) = _run(accuracy_layer(min_is_better=False), scores, labels, dtype)
+    assert float(acc) == 0.25  # row 3 only
+
+
+def test_min_is_better_equals_max_rule_on_negated_scores(f):
+    # The rule is the default one on -x, ties included.
+    scores = np.round(f.data.data * 4) / 4  # many ties
+    labels = f.label.data
+    for top_k in (1, 3):
+        (a,) = _run(accuracy_layer(min_is_better=True, top_k=top_k), scores,
+                    labels, f.dtype)
+        (b,) = _run(accuracy_layer(top_k=top_k), -scores, labels, f.dtype)
+        assert float(a) == float(b)
+
+
+def test_min_is_better_false_is_the_default():
+    assert accuracy_layer().layer_param.accuracy_param.min_is_better is False

@@ -1,7 +1,9 @@
 """InnerProduct: the standard tests (LayerTestCase) for every axis, with and
 without transpose and bias; ports of Caffe's test_inner_product_layer.cpp;
 then the closed-form backward, shape-mismatch errors, stored weights and a
-PyTorch cross-check."""
+PyTorch cross-check.  Last, ``normalize: true`` (happynear) in both weight
+norm modes: standard tests, the RENORM_INPLACE blob and diff, the
+TRUE_GRADIENT projection, weight decay, and a PyTorch cross-check."""
 
 import naive
 import numpy as np
@@ -12,7 +14,7 @@ from layer_testing import assert_close, filler, make_blob
 import netlite
 from netlite import Blob, GradientChecker, LayerSetupError, ShapeError
 from netlite.errors import WeightsFileError
-from netlite.layers.inner_product import InnerProductLayer
+from netlite.layers.inner_product import WEIGHT_NORM_EPS, InnerProductLayer
 
 
 class TestInnerProductLayer(LayerTestCase):
@@ -404,3 +406,327 @@ def test_matches_torch_linear(transpose):
                                atol=1e-12)
     np.testing.assert_allclose(bottom.diff.reshape(2, 60), x.grad.numpy(),
                                rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------ normalize: true
+def _weights_text(shape, transpose, seed=13):
+    """A ``blobs { }`` entry (stored weights, as a model gives them) of
+    shape (N, K), or (K, N) with ``transpose``, whose row 1 of W is zero."""
+    w = np.random.default_rng(seed).standard_normal(shape)
+    if transpose:
+        w[:, 1] = 0
+    else:
+        w[1] = 0
+    values = " ".join(f"data: {float(v)!r}" for v in w.ravel())
+    dims = " ".join(f"dim: {d}" for d in shape)
+    return f"blobs {{ shape {{ {dims} }} {values} }}"
+
+
+class TestInnerProductNormalizeLayer(LayerTestCase):
+    """``normalize: true`` in both modes.  TRUE_GRADIENT: forward against
+    ``naive.inner_product_normalized`` on the raw blob and the exhaustive
+    float64 gradient of bottom, raw weights and bias (a zero weight row
+    needs a step far below sqrt(1e-6), where w / sqrt(|w|^2 + 1e-6) bends).
+    RENORM_INPLACE: the blob holds W_hat after forward, so the oracle uses
+    it as is (checking its rows are unit to 1e-6), and the finite-difference
+    check covers the bottom and the bias only: the weight diff is the
+    plain gradient w.r.t. W_hat by design (see the dedicated tests)."""
+
+    shape, axis, num_output, transpose, bias_term = (2, 3, 2, 2), 1, 3, False, True
+    mode, zero_row = "TRUE_GRADIENT", False
+    cases = {
+        "true": {},
+        "true_transpose": {"transpose": True},
+        "true_no_bias": {"bias_term": False},
+        "true_axis_2": {"axis": 2, "num_output": 4},
+        "true_zero_row": {"zero_row": True, "bias_term": False, "stepsize": 1e-7},
+        "true_zero_row_transpose": {"zero_row": True, "bias_term": False,
+                                    "transpose": True, "stepsize": 1e-7},
+        "renorm": {"mode": "RENORM_INPLACE"},
+        "renorm_transpose": {"mode": "RENORM_INPLACE", "transpose": True},
+        "renorm_no_bias_axis_2": {"mode": "RENORM_INPLACE", "bias_term": False,
+                                  "axis": 2},
+    }
+
+    @property
+    def layer(self):
+        k = int(np.prod(self.shape[self.axis:]))
+        shape = (k, self.num_output) if self.transpose else (self.num_output, k)
+        blobs = _weights_text(shape, self.transpose) if self.zero_row else ""
+        return (
+            'type: "InnerProduct" inner_product_param { '
+            f"num_output: {self.num_output} axis: {self.axis} "
+            f"transpose: {str(self.transpose).lower()} "
+            f"bias_term: {str(self.bias_term).lower()} normalize: true "
+            f"weight_norm_mode: {self.mode} "
+            'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } '
+            + blobs
+        )
+
+    @property
+    def bottoms(self):
+        return [(self.shape, filler("gaussian"))]
+
+    def oracle(self, bottoms, blobs):
+        w, b = blobs if self.bias_term else (*blobs, None)
+        if self.mode == "TRUE_GRADIENT":
+            return [naive.inner_product_normalized(
+                bottoms[0], w, b, self.axis, self.transpose, WEIGHT_NORM_EPS)]
+        rows = w.T if self.transpose else w
+        norms = np.sqrt((rows ** 2).sum(axis=1))
+        np.testing.assert_allclose(norms, 1.0, atol=1e-6)
+        return [naive.inner_product(bottoms[0], w, b, self.axis, self.transpose)]
+
+    def test_gradient(self, case):
+        self.configure(case)
+        if self.mode == "TRUE_GRADIENT":
+            return super().test_gradient(case)
+        layer = self.make_layer(np.float64)
+        bottom, top = self.make_bottoms(np.float64), self.make_tops(np.float64)
+        layer.setup(bottom, top)
+        checker = GradientChecker(self.stepsize, self.threshold)
+        # RENORM_INPLACE: bottom and bias (param 1) only; see the docstring.
+        checker._exhaustive(layer, bottom, top, [0],
+                            param_ids=[1] if self.bias_term else [])
+
+
+def normalized_ip(mode="RENORM_INPLACE", transpose=False, bias_term=True,
+                  num_output=4, weight="gaussian"):
+    param = netlite.io.LayerParameter(name="cos", type="InnerProduct")
+    ipp = param.inner_product_param
+    ipp.num_output = num_output
+    ipp.transpose = transpose
+    ipp.bias_term = bias_term
+    ipp.normalize = True
+    ipp.weight_norm_mode = getattr(ipp, mode)
+    ipp.weight_filler.type = weight
+    ipp.bias_filler.type = "gaussian"
+    return InnerProductLayer(param)
+
+
+def _forward_backward(layer, x, dtype, dy_seed=7, forwards=1):
+    netlite.set_random_seed(1701)
+    bottom = make_blob(x.shape, dtype, x)
+    top = Blob(dtype=dtype)
+    layer.setup([bottom], [top])
+    for _ in range(forwards):
+        layer.forward([bottom], [top])
+    top.diff[...] = np.random.default_rng(dy_seed).standard_normal(top.shape)
+    layer.backward([top], [True], [bottom])
+    return bottom, top
+
+
+def _rows(w, transpose):
+    return w.T if transpose else w
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_renorm_blob_is_unit_norm_after_forward(dtype, transpose):
+    # RENORM_INPLACE overwrites the blob with W_hat = W / sqrt(|W|^2 + 1e-6)
+    # row by row (columns of the stored (K, N) blob with transpose): unit
+    # rows to 1e-6.  The second forward moves them to the fixed point
+    # |w|^2 = 1 - 1e-6 (|w|^2 -> |w|^2 / (|w|^2 + 1e-6)), which later
+    # forwards keep.
+    layer = normalized_ip(transpose=transpose)
+    x = np.random.default_rng(1).standard_normal((3, 5))
+    bottom = make_blob(x.shape, dtype, x)
+    top = Blob(dtype=dtype)
+    layer.setup([bottom], [top])
+    raw = layer.blobs[0].data.astype(np.float64)
+    layer.forward([bottom], [top])
+    w_hat = naive.normalize_rows(_rows(raw, transpose), WEIGHT_NORM_EPS)
+    assert_close(_rows(layer.blobs[0].data, transpose), w_hat, "oracle", dtype)
+    def norms():
+        rows = _rows(layer.blobs[0].data.astype(np.float64), transpose)
+        return np.sqrt((rows ** 2).sum(axis=1))
+    np.testing.assert_allclose(norms(), 1.0, atol=1e-6)
+    layer.forward([bottom], [top])
+    np.testing.assert_allclose(norms(), np.sqrt(1 - WEIGHT_NORM_EPS),
+                               rtol=1e-6 if dtype == np.float32 else 1e-11)
+    twice = layer.blobs[0].data.copy()
+    layer.forward([bottom], [top])
+    assert_close(layer.blobs[0].data, twice, "oracle", dtype)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_renorm_diff_is_the_plain_gradient(dtype, transpose):
+    # The weight diff (and the bottom diff) are those of a plain
+    # InnerProduct that holds the renormalised weights.
+    x = np.random.default_rng(1).standard_normal((3, 5))
+    layer = normalized_ip(transpose=transpose)
+    bottom, top = _forward_backward(layer, x, dtype)
+    plain = ip_layer(num_output=4, transpose=transpose)
+    plain_bottom = make_blob(x.shape, dtype, x)
+    plain_top = Blob(dtype=dtype)
+    plain.setup([plain_bottom], [plain_top])
+    plain.blobs[0].data[...] = layer.blobs[0].data
+    plain.blobs[1].data[...] = layer.blobs[1].data
+    plain.forward([plain_bottom], [plain_top])
+    np.testing.assert_array_equal(plain_top.data, top.data)
+    plain_top.diff[...] = top.diff
+    plain.backward([plain_top], [True], [plain_bottom])
+    np.testing.assert_array_equal(plain.blobs[0].diff, layer.blobs[0].diff)
+    np.testing.assert_array_equal(plain.blobs[1].diff, layer.blobs[1].diff)
+    np.testing.assert_array_equal(plain_bottom.diff, bottom.diff)
+
+
+def test_renorm_finite_differences_see_only_the_tangent_part():
+    # Perturbing the stored W_hat and renormalising again removes the
+    # radial part: the numeric gradient of the blob is (I - w w^T) G / n
+    # of the plain diff G, i.e. TRUE_GRADIENT's formula.
+    x = np.random.default_rng(1).standard_normal((3, 5))
+    layer = normalized_ip(bias_term=False)
+    # Two forwards: the blob at the fixed point, which renormalising keeps.
+    bottom, top = _forward_backward(layer, x, np.float64, forwards=2)
+    r = top.diff.copy()
+    w_hat = layer.blobs[0].data.copy()
+    g = layer.blobs[0].diff.copy()
+    n = np.sqrt((w_hat ** 2).sum(axis=1, keepdims=True) + WEIGHT_NORM_EPS)
+    expected = (g - w_hat * (w_hat * g).sum(axis=1, keepdims=True)) / n
+    numeric = np.empty_like(w_hat)
+    h = 1e-6
+    for idx in np.ndindex(w_hat.shape):
+        values = []
+        for step in (h, -h):
+            layer.blobs[0].data[...] = w_hat
+            layer.blobs[0].data[idx] += step
+            layer.forward([bottom], [top])
+            values.append(float((top.data * r).sum()))
+        numeric[idx] = (values[0] - values[1]) / (2 * h)
+    np.testing.assert_allclose(numeric, expected, rtol=1e-6, atol=1e-8)
+    assert np.abs(g - expected).max() > 1e-2  # the plain diff is not it
+
+
+def test_zero_weight_row(dtype):
+    # A zero row stays zero under RENORM_INPLACE (0 / sqrt(1e-6)); in
+    # TRUE_GRADIENT mode its gradient is the plain one over sqrt(1e-6):
+    # finite, no NaN.
+    x = np.random.default_rng(1).standard_normal((3, 5))
+    for mode in ("RENORM_INPLACE", "TRUE_GRADIENT"):
+        layer = normalized_ip(mode, bias_term=False)
+        bottom = make_blob(x.shape, dtype, x)
+        top = Blob(dtype=dtype)
+        layer.setup([bottom], [top])
+        layer.blobs[0].data[2] = 0
+        layer.forward([bottom], [top])
+        top.diff[...] = np.random.default_rng(7).standard_normal(top.shape)
+        layer.backward([top], [True], [bottom])
+        assert not layer.blobs[0].data[2].any() if mode == "RENORM_INPLACE" else True
+        assert not top.data[:, 2].any()
+        for array in (top.data, bottom.diff, layer.blobs[0].diff):
+            assert np.all(np.isfinite(array))
+        plain = top.diff.astype(np.float64).T @ x
+        scale = 1.0 if mode == "RENORM_INPLACE" else 1 / np.sqrt(WEIGHT_NORM_EPS)
+        assert_close(layer.blobs[0].diff[2], plain[2] * scale, "oracle", dtype)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_true_gradient_closed_form(dtype, transpose):
+    # Section 9: dW = (G_hat - W_hat (W_hat . G_hat)) / n row by row, with
+    # G_hat = dy^T x the plain gradient w.r.t. W_hat; dx = dy W_hat; the
+    # raw blob is left unchanged.
+    x = np.random.default_rng(1).standard_normal((3, 5))
+    layer = normalized_ip("TRUE_GRADIENT", transpose=transpose)
+    bottom = make_blob(x.shape, dtype, x)
+    top = Blob(dtype=dtype)
+    layer.setup([bottom], [top])
+    raw = layer.blobs[0].data.copy()
+    layer.forward([bottom], [top])
+    np.testing.assert_array_equal(layer.blobs[0].data, raw)
+    top.diff[...] = np.random.default_rng(7).standard_normal(top.shape)
+    layer.backward([top], [True], [bottom])
+    w = _rows(raw.astype(np.float64), transpose)
+    n = np.sqrt((w ** 2).sum(axis=1, keepdims=True) + WEIGHT_NORM_EPS)
+    w_hat = w / n
+    dy = top.diff.astype(np.float64)
+    g_hat = dy.T @ x
+    dw = (g_hat - w_hat * (w_hat * g_hat).sum(axis=1, keepdims=True)) / n
+    assert_close(_rows(layer.blobs[0].diff, transpose), dw, "oracle", dtype)
+    assert_close(bottom.diff, dy @ w_hat, "oracle", dtype)
+    assert_close(top.data, x @ w_hat.T + layer.blobs[1].data, "oracle", dtype)
+
+
+def test_renorm_weight_decay_only_rescales_the_step():
+    # Section 9: with the blob renormalised every forward, an SGD step with
+    # weight decay lambda, W - eta (G + lambda W), lands on the direction
+    # of a step eta / (1 - eta lambda) without decay (up to the 1e-6).
+    x = np.random.default_rng(1).standard_normal((3, 5))
+    eta, lam = 0.1, 0.05
+    finals = []
+    for decay, lr in ((lam, eta), (0.0, eta / (1 - eta * lam))):
+        layer = normalized_ip(bias_term=False)
+        bottom, top = _forward_backward(layer, x, np.float64)
+        w = layer.blobs[0]
+        w.data[...] -= lr * (w.diff + decay * w.data)
+        layer.forward([bottom], [top])
+        finals.append(w.data.copy())
+    np.testing.assert_allclose(finals[0], finals[1], rtol=1e-8, atol=1e-10)
+
+
+def test_true_gradient_is_orthogonal_so_the_norm_grows():
+    # Section 9: the TRUE_GRADIENT diff is orthogonal to each raw row (up
+    # to eps / |w|^2), so a plain SGD step lengthens every row; weight
+    # decay shrinks it.
+    x = np.random.default_rng(1).standard_normal((3, 5))
+    layer = normalized_ip("TRUE_GRADIENT", bias_term=False)
+    _forward_backward(layer, x, np.float64)
+    w, dw = layer.blobs[0].data.copy(), layer.blobs[0].diff.copy()
+    cos = (w * dw).sum(axis=1) / np.linalg.norm(w, axis=1) / np.linalg.norm(dw, axis=1)
+    assert np.abs(cos).max() < 1e-6
+    before = np.linalg.norm(w, axis=1)
+    assert np.all(np.linalg.norm(w - 0.5 * dw, axis=1) > before)
+    assert np.all(np.linalg.norm(w - 0.5 * (dw + 0.5 * w), axis=1) < before)
+
+
+def test_weight_norm_mode_needs_normalize():
+    param = netlite.io.LayerParameter(name="ip", type="InnerProduct")
+    param.inner_product_param.num_output = 3
+    param.inner_product_param.weight_norm_mode = (
+        param.inner_product_param.TRUE_GRADIENT)
+    with pytest.raises(LayerSetupError,
+                       match=r"InnerProduct layer 'ip'.*weight_norm_mode.*normalize"):
+        InnerProductLayer(param).setup([Blob((2, 4))], [Blob()])
+
+
+def test_normalize_default_mode_is_renorm_inplace():
+    layer = ip_layer(num_output=3, weight="gaussian", normalize=True)
+    layer.setup([make_blob((2, 4), np.float64, filler("gaussian"))], [Blob()])
+    assert layer.normalize and not layer.true_gradient
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("zero_row", [False, True])
+def test_true_gradient_matches_torch_autograd(transpose, zero_row):
+    """TRUE_GRADIENT against autograd of w / sqrt(sum w^2 + 1e-6), float64."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(1).standard_normal((4, 6))
+    layer = normalized_ip("TRUE_GRADIENT", transpose=transpose, num_output=5)
+    bottom = make_blob(x.shape, np.float64, x)
+    top = Blob(dtype=np.float64)
+    layer.setup([bottom], [top])
+    if zero_row:
+        _rows(layer.blobs[0].data, transpose)[3] = 0
+    raw = _rows(layer.blobs[0].data, transpose).copy()
+    layer.forward([bottom], [top])
+    dy = np.random.default_rng(7).standard_normal(top.shape)
+    top.diff[...] = dy
+    layer.backward([top], [True], [bottom])
+
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(raw, requires_grad=True)
+    bt = torch.tensor(layer.blobs[1].data, requires_grad=True)
+    w_hat = wt / torch.sqrt((wt * wt).sum(dim=1, keepdim=True) + WEIGHT_NORM_EPS)
+    yt = torch.nn.functional.linear(xt, w_hat, bt)
+    yt.backward(torch.tensor(dy))
+    worst = 0.0
+    for ours, theirs in ((top.data, yt.detach().numpy()),
+                         (_rows(layer.blobs[0].diff, transpose), wt.grad.numpy()),
+                         (layer.blobs[1].diff, bt.grad.numpy()),
+                         (bottom.diff, xt.grad.numpy())):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+        nz = np.abs(theirs) > 0
+        rel = np.abs(ours - theirs)[nz] / np.abs(theirs)[nz]
+        worst = max(worst, float(rel.max()))
+    print(f"InnerProduct TRUE_GRADIENT transpose={transpose} zero_row={zero_row} "
+          f"vs torch autograd: worst rel err {worst:.2e}")

@@ -1,17 +1,25 @@
 """Scale: the standard tests (LayerTestCase) for a learned scale in every
 shape regime, a scale from bottom[1] and the bias term; ports of Caffe's
 test_scale_layer.cpp; then in-place use, the internal Bias layer, stored
-blobs and shape errors."""
+blobs and shape errors; happynear's min_value / max_value clamp, a fixed
+scale through lr_mult 0, and the L2-softmax / NormFace scale bounds."""
+
+import math
 
 import naive
 import numpy as np
 import pytest
 from layer_test_case import LayerTestCase
-from layer_testing import filler, make_blob
+from layer_testing import assert_close, filler, make_blob
 
 import netlite
 from netlite import Blob, GradientChecker, LayerSetupError, ShapeError
-from netlite.layers.scale import ScaleLayer
+from netlite.layers.scale import (
+    ScaleLayer,
+    l2_softmax_alpha_low,
+    normface_loss_bound,
+    normface_min_scale,
+)
 
 
 class TestScaleLayer(LayerTestCase):
@@ -26,6 +34,7 @@ class TestScaleLayer(LayerTestCase):
     else the shape of bottom[1]."""
 
     shape, axis, num_axes, operand, bias_term = (2, 3, 2, 2), 1, 1, None, False
+    clamp = ""
     cases = {
         "learned": {},
         "learned_eltwise": {"axis": 0, "num_axes": -1},
@@ -35,6 +44,9 @@ class TestScaleLayer(LayerTestCase):
         "learned_scalar": {"axis": 2, "num_axes": 0},
         "learned_bias": {"axis": 1, "num_axes": 2, "bias_term": True},
         "learned_scalar_bias": {"num_axes": 0, "bias_term": True},
+        # The clamp runs but no value reaches a bound (an active bound
+        # makes the finite differences one-sided; see the clamp tests).
+        "learned_clamp_inactive": {"clamp": "min_value: -50 max_value: 50"},
         "bottom_eltwise": {"axis": 0, "operand": (2, 3, 2, 2)},
         "bottom_begin": {"axis": 0, "operand": (2, 3)},
         "bottom_middle": {"axis": 1, "operand": (3, 2)},
@@ -48,6 +60,7 @@ class TestScaleLayer(LayerTestCase):
         return (
             f'type: "Scale" scale_param {{ axis: {self.axis} '
             f"num_axes: {self.num_axes} bias_term: {str(self.bias_term).lower()} "
+            f"{self.clamp} "
             'filler { type: "gaussian" } bias_filler { type: "gaussian" } }'
         )
 
@@ -398,3 +411,157 @@ def test_bottom_scale_shape_mismatch(f):
 def test_bad_learned_shape(f, axis, num_axes, match):
     with pytest.raises(LayerSetupError, match=match):
         scale_layer(axis=axis, num_axes=num_axes).setup([f.bottom], [f.top])
+
+
+# ------------------------------------------- happynear: min_value / max_value
+def clamped_scale(min_value=None, max_value=None, num_axes=0, value=10.0):
+    """NormFace's cosine scale: a learned scalar, filler value 10."""
+    param = netlite.io.LayerParameter(name="cosine_scale", type="Scale")
+    sp = param.scale_param
+    sp.num_axes = num_axes
+    sp.filler.value = value
+    if min_value is not None:
+        sp.min_value = min_value
+    if max_value is not None:
+        sp.max_value = max_value
+    return ScaleLayer(param)
+
+
+def test_min_value_clamps_the_stored_scale_in_place(f):
+    # NormFace: min_value 0.01.  A scale driven below it by an update is
+    # raised to 0.01 in the blob itself on the next forward.
+    layer = clamped_scale(min_value=0.01)
+    layer.setup([f.bottom], [f.top])
+    np.testing.assert_array_equal(layer.blobs[0].data, 10)
+    layer.blobs[0].data[...] = -3
+    layer.forward([f.bottom], [f.top])
+    lo = float(np.float32(0.01))
+    np.testing.assert_array_equal(layer.blobs[0].data, np.asarray(lo, f.dtype))
+    expect_near(f.top.data, f.bottom.data * np.asarray(lo, f.dtype))
+
+
+def test_max_value_and_both_bounds(f):
+    layer = clamped_scale(min_value=0.5, max_value=2.0, num_axes=1)
+    layer.setup([f.bottom], [f.top])
+    layer.blobs[0].data[...] = [-1.0, 1.5, 7.0]
+    layer.forward([f.bottom], [f.top])
+    np.testing.assert_array_equal(layer.blobs[0].data, [0.5, 1.5, 2.0])
+    expect_near(f.top.data,
+                f.bottom.data * np.array([0.5, 1.5, 2.0]).reshape(1, 3, 1, 1))
+
+
+def test_clamped_scale_diff_is_the_plain_gradient(f):
+    # The gradient is taken at the clamped value, like any scale: ds =
+    # sum g x, dx = g s_clamped (the clamp itself is a projection step,
+    # not differentiated: happynear's backward is the plain Scale one).
+    layer = clamped_scale(max_value=2.0)
+    layer.setup([f.bottom], [f.top])
+    layer.forward([f.bottom], [f.top])
+    dy = gaussian_top_diff(f.bottom.shape, f.dtype)
+    f.top.diff[...] = dy
+    layer.backward([f.top], [True], [f.bottom])
+    g = dy.astype(np.float64)
+    assert_close(layer.blobs[0].diff, (g * f.bottom.data).sum(), "oracle", f.dtype)
+    assert_close(f.bottom.diff, 2.0 * g, "oracle", f.dtype)
+
+
+@pytest.mark.parametrize("bounds, match", [
+    ({"min_value": 2.0, "max_value": 1.0}, r"min_value \(2.0\) is larger"),
+    ({"min_value": float("nan")}, "must be finite"),
+    ({"max_value": float("inf")}, "must be finite"),
+])
+def test_bad_clamp_bounds(f, bounds, match):
+    with pytest.raises(LayerSetupError, match="Scale layer 'cosine_scale'.*" + match):
+        clamped_scale(**bounds).setup([f.bottom], [f.top])
+
+
+def test_clamp_refused_with_a_bottom_scale(f):
+    param = netlite.io.LayerParameter(name="s", type="Scale")
+    param.scale_param.axis = 0
+    param.scale_param.min_value = 0.01
+    with pytest.raises(LayerSetupError, match="Scale layer 's'.*learned scale"):
+        ScaleLayer(param).setup([f.bottom, f.eltwise], [f.top])
+
+
+# --------------------------------------------- L2-softmax: a fixed alpha
+FIXED_SCALE_SOLVER = """
+type: 'SGD' base_lr: 0.1 momentum: 0.9 weight_decay: 0.1 lr_policy: 'fixed'
+max_iter: 3 random_seed: 3
+net_param {
+  layer { name: 'data' type: 'DummyData' top: 'x' top: 't'
+          dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 }
+                             data_filler { type: 'gaussian' } } }
+  layer { name: 'norm' type: 'Normalize' bottom: 'x' top: 'xn' }
+  layer { name: 'alpha' type: 'Scale' bottom: 'xn' top: 'f'
+          %s
+          scale_param { num_axes: 0 filler { value: 16 } } }
+  layer { name: 'fc' type: 'InnerProduct' bottom: 'f' top: 'y'
+          inner_product_param { num_output: 2 weight_filler { type: 'gaussian' } } }
+  layer { name: 'loss' type: 'EuclideanLoss' bottom: 'y' bottom: 't' top: 'loss' }
+}
+"""
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_lr_mult_zero_keeps_alpha_fixed_under_solver_steps(dtype, fixed):
+    # L2-softmax's fixed alpha: param { lr_mult: 0 decay_mult: 0 } leaves
+    # the scale at its filler value through SGD steps with momentum and
+    # weight decay, while the other weights learn; without it alpha moves.
+    spec = "param { lr_mult: 0 decay_mult: 0 }" if fixed else ""
+    solver = netlite.get_solver(FIXED_SCALE_SOLVER % spec, dtype=dtype)
+    before = {name: [p.data.copy() for p in params]
+              for name, params in solver.net.params.items()}
+    solver.step(3)
+    alpha = solver.net.params["alpha"][0].data
+    assert (np.all(alpha == 16)) == fixed
+    assert not np.array_equal(solver.net.params["fc"][0].data, before["fc"][0])
+
+
+# ------------------------------------------------- the scale bounds
+@pytest.mark.parametrize("num_classes, p, expected", [
+    (10, 0.9, 4.28), (10, 0.99, 6.67), (10, 0.999, 8.99),
+    (10575, 0.9, 11.46), (10575, 0.99, 13.86), (10575, 0.999, 16.17),
+    (58207, 0.9, 13.17), (58207, 0.99, 15.57), (58207, 0.999, 17.88),
+])
+def test_l2_softmax_alpha_low_table(num_classes, p, expected):
+    # The table of docs/layers/scale.md section 9 (margin-losses.md 5.3).
+    assert round(l2_softmax_alpha_low(num_classes, p), 2) == expected
+
+
+def test_l2_softmax_alpha_low_is_where_p_is_reached():
+    # At alpha_low the true-class probability, with the e^{-alpha} term
+    # kept, is just below p; dropping it gives exactly p.
+    c, p = 10, 0.9
+    a = l2_softmax_alpha_low(c, p)
+    exact = math.exp(a) / (math.exp(a) + (c - 2) + math.exp(-a))
+    dropped = math.exp(a) / (math.exp(a) + (c - 2))
+    assert exact < p and dropped == pytest.approx(p, rel=1e-12)
+
+
+@pytest.mark.parametrize("s, expected", [
+    (1, 1.377), (2, 0.681), (4, 0.100), (5, 0.034), (8, 1.2e-3), (10, 1.3e-4),
+])
+def test_normface_loss_bound_table(s, expected):
+    # The simplex row of docs/layers/scale.md section 9 (C = 10).
+    assert normface_loss_bound(10, s) == pytest.approx(expected, rel=5e-3, abs=5e-4)
+
+
+def test_normface_bound_is_reached_by_a_simplex():
+    # C = 4 class vectors of a regular simplex in R^3, features on them:
+    # the softmax loss at scale s equals the bound.
+    w = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]]) / math.sqrt(3)
+    for s in (1.0, 3.0, 8.0):
+        z = s * w @ w.T
+        loss = np.mean(np.log(np.exp(z).sum(axis=1)) - np.diag(z))
+        assert loss == pytest.approx(normface_loss_bound(4, s), rel=1e-12)
+        assert normface_min_scale(4, normface_loss_bound(4, s)) == pytest.approx(s)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: l2_softmax_alpha_low(2, 0.9), lambda: l2_softmax_alpha_low(10, 1.0),
+    lambda: normface_loss_bound(1, 3.0), lambda: normface_loss_bound(10, -1.0),
+    lambda: normface_min_scale(10, 0.0), lambda: normface_min_scale(10, 3.0),
+])
+def test_bound_arguments_checked(call):
+    with pytest.raises(ValueError, match="needs num_classes"):
+        call()
