@@ -110,18 +110,24 @@ class GradientChecker:
         layer.setup(bottom, top)
         self._raise(layer, *self._single(layer, bottom, top, check_bottom, -1, -1))
 
-    def check_gradient_exhaustive(self, layer, bottom, top, check_bottom=-1):
+    def check_gradient_exhaustive(self, layer, bottom, top, check_bottom=-1,
+                                  param_ids=None):
         """Set up ``layer``, then check every top element in turn.
 
         Parameters
         ----------
         check_bottom : int or sequence of int
             ``-1``: all bottoms; ``i >= 0``: only bottom i; ``< -1``: none
-            (parameters only).  Parameters are always checked.  A sequence
-            of indices (a netlite extension) checks those bottoms.
+            (parameters only).  A sequence of indices (a netlite extension)
+            checks those bottoms.
+        param_ids : sequence of int, optional
+            netlite extension: compare only these parameter blobs (Caffe
+            always checks all of them).  For blobs that are not a function's
+            argument: running statistics, or weights that the forward
+            renormalises in place.
         """
         layer.setup(bottom, top)
-        self._exhaustive(layer, bottom, top, check_bottom)
+        self._exhaustive(layer, bottom, top, check_bottom, param_ids)
 
     def check_gradient_eltwise(self, layer, bottom, top):
         """Check an element-wise layer: only the Jacobian diagonal is

@@ -110,6 +110,10 @@ class LayerTestCase:
     #: Bottoms whose gradient is checked; None: every bottom the layer
     #: lets ``force_backward`` reach (a loss layer's labels are not).
     grad_bottoms = None
+    #: Parameter blobs whose gradient is checked; None: all of them.  Blobs
+    #: that are no argument of the forward (running statistics, weights a
+    #: forward renormalises in place) are left out.
+    grad_params = None
     #: Gradient-check settings (float64).
     stepsize = GRADIENT_CHECK["stepsize"]
     threshold = GRADIENT_CHECK["threshold"]
@@ -293,7 +297,8 @@ class LayerTestCase:
         checker = netlite.GradientChecker(self.stepsize, self.threshold, 1701,
                                           self.kink, self.kink_range)
         checker.check_gradient_exhaustive(layer, bottom, top,
-                                          checked if checked else -2)
+                                          checked if checked else -2,
+                                          param_ids=self.grad_params)
 
     def test_propagate_down(self, engine, case, dtype):
         netlite.set_cpu_engine(engine)
