@@ -7,6 +7,7 @@ import math
 
 from netlite.errors import NonFiniteError, ShapeError
 from netlite.layer import LossLayer, cached_reshape
+from netlite.layers import _targets
 from netlite.layers._labels import FLT_MIN, label_codes, label_error
 from netlite.layers._nonfinite import undefined_softmax_message
 from netlite.layers.softmax import softmax_backward, softmax_dims
@@ -52,12 +53,21 @@ class SoftmaxWithLossLayer(LossLayer):
     loss_param.normalize : bool, optional
         Legacy: true means VALID and false BATCH_SIZE, used only when
         ``normalization`` is not set.
+    loss_param.class_weight, weight_normalization, label_smoothing,
+    temperature, per_position :
+        netlite extensions (docs/layers/softmax_loss.md §8, maths in
+        ``layers/_targets.py``); with any of them set, or with target
+        probabilities in ``bottom[1]`` (the scores' shape, ``C > 1``), the
+        layer runs that reference path on every engine.
     loss_weight : float, default 1 for top[0] and 0 for top[1]
 
     Raises
     ------
+    LayerSetupError
+        For a bad extension parameter (docs §8.1).
     ShapeError
-        When the label count differs from ``outer * inner``, or ``C = 0``.
+        When the label count differs from ``outer * inner``, or ``C = 0``,
+        or ``class_weight`` does not have ``C`` values.
     LabelError
         For a label that is not an integer, or that lies outside
         ``[0, C)`` and is not ``ignore_label``.
@@ -77,6 +87,11 @@ class SoftmaxWithLossLayer(LossLayer):
     exact_num_top_blobs = -1
     min_top_blobs = 1
     max_top_blobs = 2
+    #: Whether ``bottom[1]`` may hold target probabilities (FocalLoss: no).
+    accepts_soft_targets = True
+    #: Whether the loss without extensions is the plain cross-entropy that
+    #: the Numba and CuPy kernels compute (FocalLoss: no).
+    plain_cross_entropy = True
 
     def layer_setup(self, bottom, top):
         super().layer_setup(bottom, top)
@@ -100,6 +115,12 @@ class SoftmaxWithLossLayer(LossLayer):
         else:
             self.normalization = loss_param.normalization
         self.valid_count = 0
+        self.z = 1.0  # the divisor of the last extended forward
+        self.ext = _targets.LossExtensions(self, loss_param)
+        self.soft_targets = False
+        #: Any extension in use: the plain kernels do not apply (reshape
+        #: adds target probabilities, which only the data's shape tells).
+        self.extended = not self.plain_cross_entropy or self.ext.active
 
     @cached_reshape
     def reshape(self, bottom, top):
@@ -112,7 +133,16 @@ class SoftmaxWithLossLayer(LossLayer):
                 f"{self.describe()}: the scores {bottom[0].shape} have no "
                 f"classes along softmax axis {self.axis}"
             )
-        if bottom[1].count != self.outer * self.inner:
+        self.soft_targets = (self.accepts_soft_targets and self.channels > 1
+                             and bottom[1].shape == bottom[0].shape)
+        self.extended = (not self.plain_cross_entropy or self.ext.active
+                         or self.soft_targets)
+        if self.soft_targets and self.ext.label_weighted:
+            raise ShapeError(
+                f"{self.describe()}: weight_normalization: LABEL_WEIGHTED sums "
+                "the weights of hard labels, but bottom[1] "
+                f"{bottom[1].shape} holds target probabilities; use WEIGHTED")
+        if not self.soft_targets and bottom[1].count != self.outer * self.inner:
             raise ShapeError(
                 f"{self.describe()}: the label blob must have outer * inner = "
                 f"{self.outer} * {self.inner} = {self.outer * self.inner} "
@@ -120,11 +150,19 @@ class SoftmaxWithLossLayer(LossLayer):
                 f"axis {self.axis}); scores {bottom[0].shape}, labels "
                 f"{bottom[1].shape}"
             )
+        if self.ext.class_weight is not None:
+            _targets.class_weights(self, self.channels)  # checks the length
         self.softmax_bottom[0] = bottom[0]
         self.softmax_layer.reshape(self.softmax_bottom, self.softmax_top)
         if len(top) > 1:
             top[1].reshape_like(bottom[0])
             top[1].share_data(self.prob)
+        if self.ext.per_position:
+            # One loss per position: the scores' shape without the class axis.
+            shape = bottom[0].shape
+            top[0].reshape(shape[:self.axis] + shape[self.axis + 1:])
+            if self.loss(0):
+                top[0].diff[...] = self.loss(0)  # a grown top lost its weight
 
     def normalizer(self, valid_count):
         """Caffe's ``get_normalizer``: the divisor ``Z``, at least 1."""
@@ -140,6 +178,9 @@ class SoftmaxWithLossLayer(LossLayer):
 
     # --------------------------------------------------------- reference
     def forward_cpu(self, bottom, top):
+        if self.extended:
+            self.forward_extended(bottom, top)
+            return
         xp = self.xp
         self.softmax_layer.forward_cpu(self.softmax_bottom, self.softmax_top)
         p = self.prob.data.reshape(self.outer, self.channels, self.inner)
@@ -155,6 +196,9 @@ class SoftmaxWithLossLayer(LossLayer):
     def backward_cpu(self, top, propagate_down, bottom):
         self.check_no_label_backward(propagate_down)
         if not propagate_down[0]:
+            return
+        if self.extended:
+            self.backward_extended(top, bottom)
             return
         xp = self.xp
         shape3 = (self.outer, self.channels, self.inner)
@@ -172,6 +216,59 @@ class SoftmaxWithLossLayer(LossLayer):
         )
         if len(top) > 1:
             softmax_backward(xp, p, top[1].diff.reshape(shape3), dx, accumulate=True)
+
+    # -------------------------------------------------------- extensions
+    def forward_extended(self, bottom, top):
+        """The forward with a netlite extension (§8): per-position losses
+        from :meth:`position_losses`, kept (per_position) or summed and
+        divided by :meth:`extended_normalizer`."""
+        prob = self.prob.data.reshape(self.outer, self.channels, self.inner)
+        loss, wbar, codes = self.position_losses(bottom, prob)
+        self.valid_count = int(self.xp.count_nonzero(codes >= 0))
+        total = float(loss.sum())
+        if self.ext.per_position:
+            top[0].data[...] = loss.reshape(top[0].shape)
+        else:
+            self.z = self.extended_normalizer(wbar, codes)
+            top[0].data[...] = total / self.z
+        self.check_finite(total, bottom[0], codes)
+
+    def backward_extended(self, top, bottom):
+        """``dx = g * dy`` per position (per_position) or ``g * w / Z``,
+        ``g`` from :meth:`position_gradients`; plus top[1]'s diff through
+        ``q = softmax(x / T)``."""
+        shape3 = (self.outer, self.channels, self.inner)
+        q = self.prob.data.reshape(shape3)
+        if self.ext.per_position:
+            scale = top[0].diff.reshape(self.outer, 1, self.inner)
+        else:
+            scale = top[0].diff.reshape(()) / self.dtype.type(self.z)
+        dx = bottom[0].diff.reshape(shape3)
+        dx[...] = self.position_gradients(q) * scale
+        if len(top) > 1:
+            dq = self.xp.empty_like(dx)
+            softmax_backward(self.xp, q, top[1].diff.reshape(shape3), dq)
+            dx += dq / self.dtype.type(self.ext.temperature)
+
+    def position_losses(self, bottom, prob):
+        """``(loss, wbar, codes)`` per position; writes ``q`` into ``prob``
+        (``_targets.cross_entropy``; FocalLoss overrides)."""
+        return _targets.cross_entropy(self, bottom, prob)
+
+    def position_gradients(self, prob):
+        """``d loss / dx`` per position, ``(outer, C, inner)``."""
+        return _targets.cross_entropy_gradient(self, prob)
+
+    def extended_normalizer(self, wbar, codes):
+        """``Z``: ``max(sum of wbar, FLT_MIN)`` for WEIGHTED, the labels'
+        weights summed (floored likewise) for LABEL_WEIGHTED, else
+        :meth:`normalizer` of the valid count."""
+        if self.ext.label_weighted:
+            w = _targets.class_weights(self, self.channels)
+            return max(float(w[codes[codes >= 0]].sum()), FLT_MIN)
+        if self.ext.weighted:
+            return max(float(wbar.sum()), FLT_MIN)
+        return self.normalizer(self.valid_count)
 
     # ------------------------------------------------------------ checks
     def label_codes(self, label):
@@ -196,6 +293,12 @@ class SoftmaxWithLossLayer(LossLayer):
             )
 
     # ----------------------------------------------------------- engines
+    def select_engine(self):
+        """The reference (``"numpy"``: array-generic, so on CuPy arrays too)
+        while an extension is in use, which the kernels do not compute
+        (§8.6); otherwise Layer's choice."""
+        return "numpy" if self.extended else super().select_engine()
+
     def forward_numba(self, bottom, top):
         self.adapter("numba").forward(bottom, top)
 

@@ -37,10 +37,16 @@ def _zoo():
 
 
 def _hooked(engine):
-    """Layers whose class overrides that engine's forward hook."""
+    """The classes that define that engine's forward hook, as ``(type,
+    class, module stem)``: a subclass that inherits the hook (FocalLoss from
+    SoftmaxWithLoss) is served by its owner's adapter (``Layer.adapter``)."""
     hook = ENGINE_HOOKS[engine][0]
-    return [(n, c, m) for n, c, m in _zoo()
-            if getattr(c, hook) is not getattr(Layer, hook)]
+    owners = {}
+    for _, cls, _ in _zoo():
+        owner = next(c for c in cls.__mro__ if hook in vars(c))
+        if owner is not Layer:
+            owners[owner] = (owner.type, owner, owner.__module__.rsplit(".", 1)[1])
+    return sorted(owners.values(), key=lambda t: t[0])
 
 
 @pytest.mark.parametrize("type_name, cls, stem", _hooked("numba"),

@@ -25,68 +25,148 @@ layer types and the (nested) parameter fields it sets outside its data layers
 # Layer types and parameter fields the originals use (data layers excluded).
 ORIGINAL = {
     "lsoftmax_mnist": (
-        {"Accuracy", "BN", "Convolution", "InnerProduct", "LargeMarginInnerProduct",
-         "Pooling", "ReLU", "SoftmaxWithLoss"},
-        {"bn_param.bias_filler.type", "bn_param.bias_filler.value",
-         "bn_param.slope_filler.type", "bn_param.slope_filler.value",
-         "convolution_param.bias_filler.type", "convolution_param.kernel_size",
-         "convolution_param.num_output", "convolution_param.pad",
-         "convolution_param.stride", "convolution_param.weight_filler.type",
-         "include.phase", "inner_product_param.bias_filler.type",
-         "inner_product_param.num_output", "inner_product_param.weight_filler.type",
-         "largemargin_inner_product_param.base", "largemargin_inner_product_param.gamma",
-         "largemargin_inner_product_param.iteration",
-         "largemargin_inner_product_param.lambda_min",
-         "largemargin_inner_product_param.num_output",
-         "largemargin_inner_product_param.power", "largemargin_inner_product_param.type",
-         "largemargin_inner_product_param.weight_filler.type", "param.decay_mult",
-         "param.lr_mult", "param.name", "pooling_param.kernel_size",
-         "pooling_param.pool", "pooling_param.stride"},
+        {
+            "Accuracy",
+            "BN",
+            "Convolution",
+            "InnerProduct",
+            "LargeMarginInnerProduct",
+            "Pooling",
+            "ReLU",
+            "SoftmaxWithLoss",
+        },
+        {
+            "bn_param.bias_filler.type",
+            "bn_param.bias_filler.value",
+            "bn_param.slope_filler.type",
+            "bn_param.slope_filler.value",
+            "convolution_param.bias_filler.type",
+            "convolution_param.kernel_size",
+            "convolution_param.num_output",
+            "convolution_param.pad",
+            "convolution_param.stride",
+            "convolution_param.weight_filler.type",
+            "include.phase",
+            "inner_product_param.bias_filler.type",
+            "inner_product_param.num_output",
+            "inner_product_param.weight_filler.type",
+            "largemargin_inner_product_param.base",
+            "largemargin_inner_product_param.gamma",
+            "largemargin_inner_product_param.iteration",
+            "largemargin_inner_product_param.lambda_min",
+            "largemargin_inner_product_param.num_output",
+            "largemargin_inner_product_param.power",
+            "largemargin_inner_product_param.type",
+            "largemargin_inner_product_param.weight_filler.type",
+            "param.decay_mult",
+            "param.lr_mult",
+            "param.name",
+            "pooling_param.kernel_size",
+            "pooling_param.pool",
+            "pooling_param.stride",
+        },
     ),
     "sphereface": (
-        {"Convolution", "Eltwise", "InnerProduct", "MarginInnerProduct", "PReLU",
-         "SoftmaxWithLoss"},
-        {"convolution_param.bias_filler.type", "convolution_param.bias_filler.value",
-         "convolution_param.kernel_size", "convolution_param.num_output",
-         "convolution_param.pad", "convolution_param.stride",
-         "convolution_param.weight_filler.std", "convolution_param.weight_filler.type",
-         "eltwise_param.operation", "inner_product_param.bias_filler.type",
-         "inner_product_param.bias_filler.value", "inner_product_param.num_output",
-         "inner_product_param.weight_filler.type", "margin_inner_product_param.base",
-         "margin_inner_product_param.gamma", "margin_inner_product_param.iteration",
-         "margin_inner_product_param.lambda_min", "margin_inner_product_param.num_output",
-         "margin_inner_product_param.power", "margin_inner_product_param.type",
-         "margin_inner_product_param.weight_filler.type", "param.decay_mult",
-         "param.lr_mult"},
+        {
+            "Convolution",
+            "Eltwise",
+            "InnerProduct",
+            "MarginInnerProduct",
+            "PReLU",
+            "SoftmaxWithLoss",
+        },
+        {
+            "convolution_param.bias_filler.type",
+            "convolution_param.bias_filler.value",
+            "convolution_param.kernel_size",
+            "convolution_param.num_output",
+            "convolution_param.pad",
+            "convolution_param.stride",
+            "convolution_param.weight_filler.std",
+            "convolution_param.weight_filler.type",
+            "eltwise_param.operation",
+            "inner_product_param.bias_filler.type",
+            "inner_product_param.bias_filler.value",
+            "inner_product_param.num_output",
+            "inner_product_param.weight_filler.type",
+            "margin_inner_product_param.base",
+            "margin_inner_product_param.gamma",
+            "margin_inner_product_param.iteration",
+            "margin_inner_product_param.lambda_min",
+            "margin_inner_product_param.num_output",
+            "margin_inner_product_param.power",
+            "margin_inner_product_param.type",
+            "margin_inner_product_param.weight_filler.type",
+            "param.decay_mult",
+            "param.lr_mult",
+        },
     ),
     "amsoftmax": (
-        {"Accuracy", "Convolution", "Eltwise", "InnerProduct", "LabelSpecificAdd",
-         "Normalize", "PReLU", "Scale", "SoftmaxWithLoss"},
-        {"convolution_param.bias_filler.type", "convolution_param.bias_filler.value",
-         "convolution_param.kernel_size", "convolution_param.num_output",
-         "convolution_param.pad", "convolution_param.stride",
-         "convolution_param.weight_filler.std", "convolution_param.weight_filler.type",
-         "eltwise_param.operation", "include.phase", "inner_product_param.bias_filler.type",
-         "inner_product_param.bias_filler.value", "inner_product_param.bias_term",
-         "inner_product_param.normalize", "inner_product_param.num_output",
-         "inner_product_param.weight_filler.type", "label_specific_add_param.bias",
-         "loss_weight", "param.decay_mult", "param.lr_mult", "scale_param.filler.type",
-         "scale_param.filler.value"},
+        {
+            "Accuracy",
+            "Convolution",
+            "Eltwise",
+            "InnerProduct",
+            "LabelSpecificAdd",
+            "Normalize",
+            "PReLU",
+            "Scale",
+            "SoftmaxWithLoss",
+        },
+        {
+            "convolution_param.bias_filler.type",
+            "convolution_param.bias_filler.value",
+            "convolution_param.kernel_size",
+            "convolution_param.num_output",
+            "convolution_param.pad",
+            "convolution_param.stride",
+            "convolution_param.weight_filler.std",
+            "convolution_param.weight_filler.type",
+            "eltwise_param.operation",
+            "include.phase",
+            "inner_product_param.bias_filler.type",
+            "inner_product_param.bias_filler.value",
+            "inner_product_param.bias_term",
+            "inner_product_param.normalize",
+            "inner_product_param.num_output",
+            "inner_product_param.weight_filler.type",
+            "label_specific_add_param.bias",
+            "loss_weight",
+            "param.decay_mult",
+            "param.lr_mult",
+            "scale_param.filler.type",
+            "scale_param.filler.value",
+        },
     ),
     "normface": (
         {"Accuracy", "InnerProduct", "Normalize", "Scale", "SoftmaxWithLoss"},
-        {"accuracy_param.min_is_better", "include.phase", "inner_product_param.bias_term",
-         "inner_product_param.normalize", "inner_product_param.num_output",
-         "inner_product_param.weight_filler.type", "loss_weight", "param.decay_mult",
-         "param.lr_mult", "scale_param.bias_filler.value", "scale_param.bias_term",
-         "scale_param.filler.value", "scale_param.min_value", "scale_param.num_axes"},
+        {
+            "accuracy_param.min_is_better",
+            "include.phase",
+            "inner_product_param.bias_term",
+            "inner_product_param.normalize",
+            "inner_product_param.num_output",
+            "inner_product_param.weight_filler.type",
+            "loss_weight",
+            "param.decay_mult",
+            "param.lr_mult",
+            "scale_param.bias_filler.value",
+            "scale_param.bias_term",
+            "scale_param.filler.value",
+            "scale_param.min_value",
+            "scale_param.num_axes",
+        },
     ),
 }
 
 #: Input shapes (data, without the batch axis) and class counts of the
 #: equivalents.
-INPUT = {"lsoftmax_mnist": (1, 28, 28), "sphereface": (3, 28, 24),
-         "amsoftmax": (3, 28, 24), "normface": (12,)}
+INPUT = {
+    "lsoftmax_mnist": (1, 28, 28),
+    "sphereface": (3, 28, 24),
+    "amsoftmax": (3, 28, 24),
+    "normface": (12,),
+}
 CLASSES = {"lsoftmax_mnist": 10, "sphereface": 7, "amsoftmax": 7, "normface": 7}
 
 
@@ -114,7 +194,8 @@ def _lsoftmax_block(name, bottom):
     """Convolution → BN → in-place ReLU, as every unit of the L-Softmax net."""
     return (
         f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
-        f"{_LEARNED} convolution_param {{ num_output: 4 kernel_size: 3 stride: 1 pad: 1 "
+        f"{_LEARNED} convolution_param {{ num_output: 4 kernel_size: 3 stride: 1 pad: "
+        "1 "
         'weight_filler { type: "msra" } bias_filler { type: "constant" } } }\n'
         + _bn(f"{name}_bn", name)
         + f'layer {{ name: "{name}_relu" type: "ReLU" bottom: "{name}_bn" '
@@ -134,7 +215,8 @@ def _bn(name, bottom):
 def _lsoftmax_head(phase, margin, base, lr_mult, classes):
     return (
         'layer { name: "ip2" type: "LargeMarginInnerProduct" bottom: "bn_ip" '
-        f'bottom: "label" top: "ip2" top: "lambda" param {{ name: "ip2" lr_mult: {lr_mult} }} '
+        f'bottom: "label" top: "ip2" top: "lambda" param {{ name: "ip2" lr_mult: '
+        f'{lr_mult} }} '
         f"largemargin_inner_product_param {{ num_output: {classes} type: {margin} "
         f"base: {base} gamma: {'0.000025' if phase == 'TRAIN' else '1'} "
         f"{'power: 35 ' if phase == 'TRAIN' else ''}iteration: 0 lambda_min: 0 "
@@ -153,7 +235,8 @@ def lsoftmax_mnist(batch=4):
             bottom = f"conv{stage}_{unit}_bn"
         text += (
             f'layer {{ name: "pool{stage}" type: "Pooling" bottom: "{bottom}" '
-            f'top: "pool{stage}" pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}\n'
+            f'top: "pool{stage}" pooling_param {{ pool: MAX kernel_size: 2 stride: 2 '
+            '} }\n'
         )
         bottom = f"pool{stage}"
     text += (
@@ -189,7 +272,8 @@ def _sphere_trunk(name, batch):
             text += _conv(b, a, 4 * stage, 1, gaussian) + _prelu(f"relu_{b}", b)
             res = f"res{stage}_{unit + 3}"
             text += (
-                f'layer {{ name: "{res}" type: "Eltwise" bottom: "{bottom}" bottom: "{b}" '
+                f'layer {{ name: "{res}" type: "Eltwise" bottom: "{bottom}" bottom: '
+                f'"{b}" '
                 f'top: "{res}" eltwise_param {{ operation: 1 }} }}\n'
             )
             bottom = res
@@ -206,52 +290,77 @@ def _prelu(name, blob):
 
 
 def sphereface(batch=4):
-    return 'name: "SpherefaceNet"\n' + _sphere_trunk("sphereface", batch) + (
-        'layer { name: "fc6" type: "MarginInnerProduct" bottom: "fc5" bottom: "label" '
-        'top: "fc6" top: "lambda" param { lr_mult: 1 decay_mult: 1 } '
-        f'margin_inner_product_param {{ num_output: {CLASSES["sphereface"]} '
-        'type: QUADRUPLE weight_filler { type: "xavier" } base: 1000 gamma: 0.12 '
-        "power: 1 lambda_min: 5 iteration: 0 } }\n"
-        'layer { name: "softmax_loss" type: "SoftmaxWithLoss" bottom: "fc6" '
-        'bottom: "label" top: "softmax_loss" }\n'
+    return (
+        'name: "SpherefaceNet"\n'
+        + _sphere_trunk("sphereface", batch)
+        + (
+            'layer { name: "fc6" type: "MarginInnerProduct" bottom: "fc5" bottom: '
+            '"label" '
+            'top: "fc6" top: "lambda" param { lr_mult: 1 decay_mult: 1 } '
+            f"margin_inner_product_param {{ num_output: {CLASSES['sphereface']} "
+            'type: QUADRUPLE weight_filler { type: "xavier" } base: 1000 gamma: 0.12 '
+            "power: 1 lambda_min: 5 iteration: 0 } }\n"
+            'layer { name: "softmax_loss" type: "SoftmaxWithLoss" bottom: "fc6" '
+            'bottom: "label" top: "softmax_loss" }\n'
+        )
     )
 
 
 def amsoftmax(batch=4):
-    return 'name: "AMSoftmaxNet"\n' + _sphere_trunk("amsoftmax", batch) + (
-        'layer { name: "norm1" type: "Normalize" bottom: "fc5" top: "norm1" }\n'
-        'layer { name: "fc6_l2" type: "InnerProduct" bottom: "norm1" top: "fc6" '
-        "param { lr_mult: 1 } inner_product_param { "
-        f'num_output: {CLASSES["amsoftmax"]} normalize: true '
-        'weight_filler { type: "xavier" } bias_term: false } }\n'
-        'layer { name: "label_specific_margin" type: "LabelSpecificAdd" bottom: "fc6" '
-        'bottom: "label" top: "fc6_margin" label_specific_add_param { bias: -0.35 } }\n'
-        'layer { name: "fc6_margin_scale" type: "Scale" bottom: "fc6_margin" '
-        'top: "fc6_margin_scale" param { lr_mult: 0 decay_mult: 0 } '
-        'scale_param { filler { type: "constant" value: 30 } } }\n'
-        'layer { name: "softmax_loss" type: "SoftmaxWithLoss" bottom: "fc6_margin_scale" '
-        'bottom: "label" top: "softmax_loss" loss_weight: 1 }\n'
-        'layer { name: "Accuracy" type: "Accuracy" bottom: "fc6" bottom: "label" '
-        'top: "accuracy" include { phase: TEST } }\n'
+    return (
+        'name: "AMSoftmaxNet"\n'
+        + _sphere_trunk("amsoftmax", batch)
+        + (
+            'layer { name: "norm1" type: "Normalize" bottom: "fc5" top: "norm1" }\n'
+            'layer { name: "fc6_l2" type: "InnerProduct" bottom: "norm1" top: "fc6" '
+            "param { lr_mult: 1 } inner_product_param { "
+            f"num_output: {CLASSES['amsoftmax']} normalize: true "
+            'weight_filler { type: "xavier" } bias_term: false } }\n'
+            'layer { name: "label_specific_margin" type: "LabelSpecificAdd" bottom: '
+            '"fc6" '
+            'bottom: "label" top: "fc6_margin" label_specific_add_param { bias: -0.35 '
+            '} }\n'
+            'layer { name: "fc6_margin_scale" type: "Scale" bottom: "fc6_margin" '
+            'top: "fc6_margin_scale" param { lr_mult: 0 decay_mult: 0 } '
+            'scale_param { filler { type: "constant" value: 30 } } }\n'
+            'layer { name: "softmax_loss" type: "SoftmaxWithLoss" bottom: '
+            '"fc6_margin_scale" '
+            'bottom: "label" top: "softmax_loss" loss_weight: 1 }\n'
+            'layer { name: "Accuracy" type: "Accuracy" bottom: "fc6" bottom: "label" '
+            'top: "accuracy" include { phase: TEST } }\n'
+        )
     )
 
 
 def normface(batch=4):
-    return 'name: "NormFaceHead"\n' + _input(batch, "normface") + (
-        'layer { name: "normalize1" type: "Normalize" bottom: "data" top: "norm1" }\n'
-        'layer { name: "cosine_layer" type: "InnerProduct" bottom: "norm1" top: "cosine" '
-        "param { lr_mult: 100 decay_mult: 0 } inner_product_param { bias_term: false "
-        f'normalize: true num_output: {CLASSES["normface"]} '
-        'weight_filler { type: "gaussian_unitball" } } }\n'
-        'layer { name: "cosine_scale" type: "Scale" bottom: "cosine" top: "cosine" '
-        "scale_param { num_axes: 0 bias_term: false min_value: 0.01 "
-        "filler { value: 10 } bias_filler { value: 0 } } }\n"
-        'layer { name: "softmax_loss" type: "SoftmaxWithLoss" bottom: "cosine" '
-        'bottom: "label" top: "softmax_loss" loss_weight: 1 }\n'
-        'layer { name: "Accuracy" type: "Accuracy" bottom: "cosine" bottom: "label" '
-        'top: "accuracy" include { phase: TEST } accuracy_param { min_is_better: false } }\n'
+    return (
+        'name: "NormFaceHead"\n'
+        + _input(batch, "normface")
+        + (
+            'layer { name: "normalize1" type: "Normalize" bottom: "data" top: "norm1" '
+            '}\n'
+            'layer { name: "cosine_layer" type: "InnerProduct" bottom: "norm1" top: '
+            '"cosine" '
+            "param { lr_mult: 100 decay_mult: 0 } inner_product_param { bias_term: "
+            "false "
+            f"normalize: true num_output: {CLASSES['normface']} "
+            'weight_filler { type: "gaussian_unitball" } } }\n'
+            'layer { name: "cosine_scale" type: "Scale" bottom: "cosine" top: "cosine" '
+            "scale_param { num_axes: 0 bias_term: false min_value: 0.01 "
+            "filler { value: 10 } bias_filler { value: 0 } } }\n"
+            'layer { name: "softmax_loss" type: "SoftmaxWithLoss" bottom: "cosine" '
+            'bottom: "label" top: "softmax_loss" loss_weight: 1 }\n'
+            'layer { name: "Accuracy" type: "Accuracy" bottom: "cosine" bottom: '
+            '"label" '
+            'top: "accuracy" include { phase: TEST } accuracy_param { min_is_better: '
+            'false } }\n'
+        )
     )
 
 
-NETS = {"lsoftmax_mnist": lsoftmax_mnist, "sphereface": sphereface,
-        "amsoftmax": amsoftmax, "normface": normface}
+NETS = {
+    "lsoftmax_mnist": lsoftmax_mnist,
+    "sphereface": sphereface,
+    "amsoftmax": amsoftmax,
+    "normface": normface,
+}

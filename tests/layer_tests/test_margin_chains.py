@@ -125,8 +125,9 @@ def _assert_equal(got, want, rtol=RTOL):
     for a, b, what in zip(got, want, ("loss", "dx", "dW", "ds")):
         if a is None:  # a fixed scale (lr_mult: 0) computes no diff
             continue
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(),
-                                   err_msg=what)
+        np.testing.assert_allclose(
+            a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=what
+        )
 
 
 def _identity(c):
@@ -150,11 +151,15 @@ def arc_psi(m):
     return psi, dpsi
 
 
-COSFACE = ('layer { name: "margin" type: "LabelSpecificAdd" bottom: "cos" '
-           'bottom: "label" top: "cos_m" label_specific_add_param { bias: %r } }')
-ARCFACE = ('layer { name: "margin" type: "LabelSpecificMargin" bottom: "cos" '
-           'bottom: "label" top: "cos_m" label_specific_margin_param { '
-           "margin_base: %r gamma: 0 } }")
+COSFACE = (
+    'layer { name: "margin" type: "LabelSpecificAdd" bottom: "cos" '
+    'bottom: "label" top: "cos_m" label_specific_add_param { bias: %r } }'
+)
+ARCFACE = (
+    'layer { name: "margin" type: "LabelSpecificMargin" bottom: "cos" '
+    'bottom: "label" top: "cos_m" label_specific_margin_param { '
+    "margin_base: %r gamma: 0 } }"
+)
 
 
 # ---------------------------------------------------------------- closed forms
@@ -181,8 +186,9 @@ def test_arcface_chain_equals_its_closed_form():
 def test_sub_center_arcface_chain_equals_its_closed_form():
     x, w, labels = _data(4, rows=3 * C)
     psi, dpsi = arc_psi(math.radians(20.0))
-    got = run_net(head_net(ARCFACE % 20.0, scale=8.0, rows=3 * C, sub_centers=3),
-                  x, w, labels)
+    got = run_net(
+        head_net(ARCFACE % 20.0, scale=8.0, rows=3 * C, sub_centers=3), x, w, labels
+    )
     _assert_equal(got, cosine_head(x, w, labels, psi, dpsi, 8.0, sub_centers=3))
 
 
@@ -196,8 +202,10 @@ def test_l2_softmax_chain_equals_its_closed_form():
         'layer { name: "in" type: "Input" top: "x" top: "label" '
         f"input_param {{ shape {{ dim: {N} dim: {D} }} shape {{ dim: {N} }} }} }}\n"
         'layer { name: "norm" type: "Normalize" bottom: "x" top: "xn" }\n'
-        'layer { name: "alpha" type: "Scale" bottom: "xn" top: "f" param { lr_mult: 0 } '
-        f'scale_param {{ num_axes: 0 filler {{ type: "constant" value: {alpha} }} }} }}\n'
+        'layer { name: "alpha" type: "Scale" bottom: "xn" top: "f" param { lr_mult: 0 '
+        '} '
+        f'scale_param {{ num_axes: 0 filler {{ type: "constant" value: {alpha} }} }} '
+        '}\n'
         'layer { name: "fc" type: "InnerProduct" bottom: "f" top: "logits" '
         f"inner_product_param {{ num_output: {C} }} }}\n"
         'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "logits" bottom: "label" '
@@ -220,10 +228,13 @@ def test_l2_softmax_chain_equals_its_closed_form():
     g[rows, labels] -= 1
     g /= N
     np.testing.assert_allclose(loss, -np.log(p[rows, labels]).mean(), rtol=RTOL)
-    np.testing.assert_allclose(net.blobs["x"].diff,
-                               alpha * _project(g @ w, x / n, n), rtol=RTOL, atol=1e-14)
+    np.testing.assert_allclose(
+        net.blobs["x"].diff, alpha * _project(g @ w, x / n, n), rtol=RTOL, atol=1e-14
+    )
     np.testing.assert_allclose(net.params["fc"][0].diff, g.T @ f, rtol=RTOL)
-    np.testing.assert_allclose(net.params["fc"][1].diff, g.sum(0), rtol=RTOL, atol=1e-15)
+    np.testing.assert_allclose(
+        net.params["fc"][1].diff, g.sum(0), rtol=RTOL, atol=1e-15
+    )
 
 
 def test_renorm_inplace_differs_from_the_true_gradient_only_in_the_weight_diff():
@@ -252,8 +263,9 @@ def test_renorm_inplace_differs_from_the_true_gradient_only_in_the_weight_diff()
 # ------------------------------------------- pytorch-metric-learning 2.9.0
 def _pml(loss_cls, x, w, labels, **kwargs):
     torch = pytest.importorskip("torch")
-    loss_fn = loss_cls(num_classes=kwargs.pop("num_classes", C), embedding_size=D,
-                       **kwargs)
+    loss_fn = loss_cls(
+        num_classes=kwargs.pop("num_classes", C), embedding_size=D, **kwargs
+    )
     loss_fn.W.data = torch.tensor(w.T.copy(), dtype=torch.float64)
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
     loss = loss_fn(xt, torch.tensor(labels))
@@ -270,12 +282,28 @@ def _worst_relative(got, want):
 # norms of 100 or more used below; the bound leaves room for the scale.
 PML_RTOL = 1e-9
 PML_CASES = {
-    "normalized_softmax": ("NormalizedSoftmaxLoss", {"temperature": 0.0625}, "", 16.0, 1),
-    "cosface": ("CosFaceLoss", {"margin": 0.375, "scale": 30}, COSFACE % -0.375, 30.0, 1),
+    "normalized_softmax": (
+        "NormalizedSoftmaxLoss",
+        {"temperature": 0.0625},
+        "",
+        16.0,
+        1,
+    ),
+    "cosface": (
+        "CosFaceLoss",
+        {"margin": 0.375, "scale": 30},
+        COSFACE % -0.375,
+        30.0,
+        1,
+    ),
     "arcface": ("ArcFaceLoss", {"margin": 28.5, "scale": 64}, ARCFACE % 28.5, 64.0, 1),
-    "sub_center_arcface": ("SubCenterArcFaceLoss",
-                           {"margin": 20.0, "scale": 16, "sub_centers": 3},
-                           ARCFACE % 20.0, 16.0, 3),
+    "sub_center_arcface": (
+        "SubCenterArcFaceLoss",
+        {"margin": 20.0, "scale": 16, "sub_centers": 3},
+        ARCFACE % 20.0,
+        16.0,
+        3,
+    ),
 }
 
 
@@ -285,7 +313,9 @@ def test_agrees_with_pytorch_metric_learning(case):
     losses = pytest.importorskip("pytorch_metric_learning.losses")
     cls_name, kwargs, margin, scale, k = PML_CASES[case]
     x, w, labels = _data(7, scale=100.0, rows=k * C)
-    got = run_net(head_net(margin, scale=scale, rows=k * C, sub_centers=k), x, w, labels)
+    got = run_net(
+        head_net(margin, scale=scale, rows=k * C, sub_centers=k), x, w, labels
+    )
     want = _pml(getattr(losses, cls_name), x, w, labels, **kwargs)
     worst = _worst_relative(got[:3], want)
     print(f"{case}: worst relative error {worst:.3g}")

@@ -20,7 +20,7 @@ from layer_testing import (
 )
 
 import netlite
-from netlite import backend
+from netlite import ShapeError, backend
 from netlite.layers.softmax import SoftmaxLayer
 from netlite.layers.softmax_loss import FLT_MIN, SoftmaxWithLossLayer
 
@@ -764,3 +764,616 @@ def test_matches_torch_cross_entropy(mode, shape, ignore):
     expected.backward()
     assert float(top[0].data) == pytest.approx(expected.item(), rel=1e-12)
     np.testing.assert_allclose(data.diff, xt.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+# =============================================================== extensions
+# netlite's loss_param extensions (docs §8): class weights and WEIGHTED
+# normalisation, label smoothing, temperature, target probabilities,
+# per-position losses.  Hyper-parameters are float32-exact or widened with
+# float(np.float32(v)) in the oracles.
+def probabilities(axis=1):
+    """A bottom filler for target probabilities: Dirichlet rows along
+    ``axis`` (computed in float64, then normalised in the dtype)."""
+
+    def fill(shape, dtype):
+        gen = netlite.rng.get_rng()
+        t = np.moveaxis(gen.gamma(1.0, size=shape), axis, -1)
+        t = (t / t.sum(axis=-1, keepdims=True)).astype(dtype)
+        return np.moveaxis(t, -1, axis)
+
+    return fill
+
+
+def _f32(v):
+    return float(np.float32(v))
+
+
+class TestSoftmaxWithLossExtensions(LayerTestCase):
+    """The standard tests with every extension, alone and combined, on both
+    CPU engines (Numba runs the reference for them)."""
+
+    shape, axis, ignore, mode, soft, tops = (6, 5, 2), 1, None, "VALID", False, 1
+    weight, weighted, eps, temp, per_position = None, False, 0.0, 1.0, False
+    cases = {
+        "weights": {"weight": (0.5, 2.0, 1.0, 3.0, 0.25), "ignore": 2},
+        "weighted": {"weight": (0.5, 2.0, 1.0, 3.0, 0.25), "weighted": True,
+                     "ignore": -1, "shape": (8, 5)},
+        "smooth": {"eps": 0.1, "ignore": 255},
+        "smooth_weighted": {"eps": 0.2, "weight": (0.5, 2.0, 1.0, 3.0, 0.25),
+                            "weighted": True, "ignore": -100},
+        "temperature": {"temp": 2.5, "ignore": 7, "shape": (4, 5, 3)},
+        "soft": {"soft": True, "temp": 3.0, "weight": (1.0, 2.0, 0.5, 1.5, 1.0)},
+        "soft_smooth_weighted": {"soft": True, "eps": 0.1, "weighted": True,
+                                 "weight": (1.0, 2.0, 0.5, 1.5, 1.0),
+                                 "shape": (3, 5, 2, 2)},
+        "per_position": {"per_position": True, "eps": 0.1, "ignore": -1,
+                         "weight": (0.5, 2.0, 1.0, 3.0, 0.25), "shape": (4, 5, 3)},
+        "per_position_rows": {"per_position": True, "temp": 2.0, "shape": (7, 5)},
+        "prob_top": {"tops": 2, "temp": 2.0, "eps": 0.1, "ignore": 0,
+                     "mode": "FULL"},
+        "axis_last": {"shape": (3, 4, 5), "axis": -1, "soft": True,
+                      "temp": 0.5, "mode": "BATCH_SIZE"},
+    }
+
+    @property
+    def layer(self):
+        fields = [f"normalization: {self.mode}"]
+        if self.ignore is not None:
+            fields.append(f"ignore_label: {self.ignore}")
+        if self.weight is not None:
+            fields.append("class_weight: [" + ", ".join(map(str, self.weight)) + "]")
+        if self.weighted:
+            fields.append("weight_normalization: WEIGHTED")
+        if self.eps:
+            fields.append(f"label_smoothing: {self.eps}")
+        if self.temp != 1:
+            fields.append(f"temperature: {self.temp}")
+        if self.per_position:
+            fields.append("per_position: true")
+        return (f'type: "SoftmaxWithLoss" softmax_param {{ axis: {self.axis} }} '
+                f'loss_param {{ {" ".join(fields)} }}')
+
+    @property
+    def bottoms(self):
+        axis = self.axis % len(self.shape)
+        if self.soft:
+            return [(self.shape, filler("gaussian", std=2)),
+                    (self.shape, probabilities(axis))]
+        label_shape = self.shape[:axis] + self.shape[axis + 1:]
+        return [(self.shape, filler("gaussian", std=2)),
+                (label_shape, labels(self.shape[axis], self.ignore, 3))]
+
+    def oracle(self, bottoms, blobs):
+        loss, _ = naive.softmax_loss_ext(
+            bottoms[0], bottoms[1], self.axis, self.ignore,
+            "VALID" if self.weighted else self.mode, self.weight, self.weighted,
+            _f32(self.eps), _f32(self.temp), self.per_position)
+        tops = [np.asarray(loss)]
+        if self.tops > 1:
+            tops.append(naive.softmax(bottoms[0] / _f32(self.temp), self.axis))
+        return tops
+
+
+def _ext_layer(fields, axis=None):
+    axis_text = f"softmax_param {{ axis: {axis} }} " if axis is not None else ""
+    return _layer(f"{axis_text}loss_param {{ {fields} }}")
+
+
+def _run_ext(layer, x, target, dtype=np.float64, top_diff=None):
+    data = make_blob(np.shape(x), dtype, x)
+    label = make_blob(np.shape(target), dtype, target)
+    top = [netlite.Blob(dtype=dtype)]
+    layer.setup([data, label], top)
+    loss = layer.forward([data, label], top)
+    if top_diff is not None:
+        top[0].diff[...] = top_diff
+    layer.backward(top, [True, False], [data, label])
+    return loss, top[0].data.copy(), data.diff.copy()
+
+
+def test_class_weights_exact_values(dtype):
+    # All-zero scores: -log q = log 4 at every position.  Labels 0, 0, 1,
+    # 3 and one ignored (-1); weights w = (2, 0.5, 1, 4).
+    x = np.zeros((5, 4))
+    lab = np.array([0, 0, 1, 3, -1])
+    w = (2.0, 0.5, 1.0, 4.0)
+    text = "ignore_label: -1 class_weight: [2, 0.5, 1, 4]"
+    num = (2 + 2 + 0.5 + 4) * math.log(4)
+    for extra, z in (("", 4), (" weight_normalization: WEIGHTED", 8.5),
+                     (" normalization: NONE", 1)):
+        loss, top, dx = _run_ext(_ext_layer(text + extra), x, lab, dtype)
+        np.testing.assert_allclose(float(top), num / z, rtol=1e-6)
+        expected = np.full((5, 4), 0.25)
+        expected[np.arange(4), lab[:4]] -= 1
+        expected *= np.array([w[c] for c in lab[:4]] + [0])[:, None] / z
+        np.testing.assert_allclose(dx, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fields, labels", [
+    ("class_weight: [1, 2, 3, 4, 5]", [9, 9, 9, 9, 9, 9]),
+    ("class_weight: [0, 0, 0, 4, 5]", [0, 1, 2, 0, 9, 1]),
+    ("class_weight: [0, 0, 0, 4, 5] label_smoothing: 0.1", [9, 9, 9, 9, 9, 9]),
+    ("class_weight: [0, 0, 0, 0, 0] label_smoothing: 0.1", [0, 1, 2, 3, 9, 4]),
+])
+def test_weighted_zero_sum_gives_zero_loss_and_gradient(dtype, fields, labels):
+    # All labels ignored, or every target weighted 0: Z = 0, and netlite
+    # divides by max(Z, FLT_MIN), so the loss and gradient are 0 (PyTorch
+    # returns NaN: test_torch_zero_weight_sum_is_nan).
+    x = netlite.rng.get_rng().standard_normal((6, 5))
+    layer = _ext_layer(f"ignore_label: 9 weight_normalization: WEIGHTED {fields}")
+    loss, top, dx = _run_ext(layer, x, np.array(labels, float), dtype)
+    assert layer.z == FLT_MIN
+    assert loss == 0.0 and float(top) == 0.0
+    assert np.all(dx == 0)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ("class_weight: [1, -1, 1]", r"class_weight\[1\] is -1.0"),
+    ("class_weight: [1, nan, 1]", r"class_weight\[1\] is nan"),
+    ("class_weight: [1, inf, 1]", r"class_weight\[1\] is inf"),
+    ("label_smoothing: 1", r"label_smoothing is 1.0; it must lie in \[0, 1\)"),
+    ("label_smoothing: -0.1", "label_smoothing is -0.1"),
+    ("label_smoothing: nan", "label_smoothing is nan"),
+    ("temperature: 0", "temperature is 0.0"),
+    ("temperature: -2", "temperature is -2.0"),
+    ("temperature: nan", "temperature is nan"),
+    ("temperature: inf", "temperature is inf"),
+    ("weight_normalization: WEIGHTED normalization: FULL",
+     "cannot be combined with normalization FULL"),
+    ("weight_normalization: WEIGHTED normalize: false",
+     "cannot be combined with normalization BATCH_SIZE"),
+])
+def test_bad_extension_parameters(fields, match):
+    data, label = make_blob((4, 3), np.float64), make_blob((4,), np.float64)
+    with pytest.raises(netlite.LayerSetupError, match=match) as info:
+        _ext_layer(fields).setup([data, label], [netlite.Blob()])
+    assert "SoftmaxWithLoss layer 'loss'" in str(info.value)
+
+
+def test_class_weight_length_must_match_classes():
+    data, label = make_blob((4, 3), np.float64), make_blob((4,), np.float64)
+    with pytest.raises(netlite.ShapeError, match="class_weight has 2 values; "
+                       r"the scores have C = 3 classes along axis 1"):
+        _ext_layer("class_weight: [1, 2]").setup([data, label], [netlite.Blob()])
+
+
+@pytest.mark.parametrize("row, problem", [
+    ([0.5, 0.6, -0.1], "negative or non-finite"),
+    ([0.5, np.nan, 0.5], "negative or non-finite"),
+    ([0.5, np.inf, 0.5], "negative or non-finite"),
+    ([0.3, 0.3, 0.3], "sums to 0.9"),
+    ([0.0, 0.0, 0.0], "sums to 0.0,"),
+])
+def test_bad_target_probabilities_raise(dtype, row, problem):
+    t = np.full((4, 3), 1 / 3)
+    t[2] = row
+    with pytest.raises(netlite.LabelError) as info:
+        _run_ext(_layer(), np.zeros((4, 3)), t, dtype)
+    message = str(info.value)
+    assert "SoftmaxWithLoss layer 'loss'" in message
+    assert "position (outer 2, inner 0)" in message
+    assert problem in message.replace("0.8999999999999999", "0.9")
+
+
+def test_target_probability_tolerance(dtype):
+    # Rows may miss 1 by up to sqrt(eps) of float32 in every dtype (the
+    # rounding of a float32 teacher's softmax), not by more.
+    tol = math.sqrt(np.finfo(np.float32).eps)
+    x = np.zeros((2, 4))
+    for off, ok in ((0.5 * tol, True), (4 * tol, False)):
+        t = np.full((2, 4), 0.25)
+        t[1, 0] += off
+        if ok:
+            _run_ext(_layer(), x, t, dtype)
+        else:
+            with pytest.raises(netlite.LabelError, match="sums to"):
+                _run_ext(_layer(), x, t, dtype)
+
+
+@pytest.mark.parametrize("fields", [
+    "", "class_weight: [1, 2, 0.5, 3]",
+    "class_weight: [1, 2, 0.5, 3] weight_normalization: WEIGHTED",
+    "normalization: FULL temperature: 2 label_smoothing: 0.1",
+    "class_weight: [1, 2, 0.5, 3] per_position: true",
+])
+def test_one_hot_probabilities_equal_hard_labels(fields):
+    # A hard label and its one-hot probability row are the same target in
+    # every mode (PyTorch's mean differs between the two with weights).
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((6, 4, 2)) * 2
+    lab = gen.integers(0, 4, size=(6, 2))
+    onehot = np.moveaxis(np.eye(4)[lab], -1, 1)
+    hard = _run_ext(_ext_layer(fields), x, lab)
+    soft = _run_ext(_ext_layer(fields), x, onehot)
+    for a, b in zip(hard, soft):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_soft_targets_ignore_nothing():
+    # ignore_label has no effect on target probabilities: every position
+    # counts (there is no label to compare).
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((5, 3))
+    t = np.full((5, 3), 1 / 3)
+    layer = _ext_layer("ignore_label: 0")
+    _run_ext(layer, x, t)
+    assert layer.soft_targets and layer.valid_count == 5
+
+
+def test_soft_targets_need_more_than_one_class():
+    # With C = 1 a label blob of the scores' shape is read as labels.
+    layer = _layer()
+    _run_ext(layer, np.zeros((4, 1)), np.zeros((4, 1)))
+    assert not layer.soft_targets
+
+
+def test_temperature_gradient_is_T_times_q_minus_t():
+    # Hinton et al.: L = T^2 H(t, softmax(x / T)), dL/dx = T (q - t) / Z.
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((4, 6)) * 5
+    t = gen.dirichlet(np.ones(6), size=4)
+    for temp in (0.5, 1.0, 4.0, 20.0):
+        _, loss, dx = _run_ext(_ext_layer(f"temperature: {temp}"), x, t)
+        q = _softmax64(x / temp, 1)
+        expected = temp ** 2 * -(t * np.log(q)).sum() / 4
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-13)
+        np.testing.assert_allclose(dx, temp * (q - t) / 4, rtol=1e-12, atol=1e-16)
+
+
+def test_high_temperature_is_logit_matching():
+    # Hinton et al. §2.1: for large T and zero-mean logits, the T^2-scaled
+    # soft gradient tends to (x - v) / C, v the teacher's logits.
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((3, 5))
+    v = gen.standard_normal((3, 5))
+    x -= x.mean(axis=1, keepdims=True)
+    v -= v.mean(axis=1, keepdims=True)
+    temp = 1e5  # the error of the expansion is O(x^2 / T)
+    t = _softmax64(v / temp, 1)
+    _, _, dx = _run_ext(_ext_layer(f"temperature: {temp} normalization: NONE"),
+                        x, t)
+    np.testing.assert_allclose(dx, (x - v) / 5, rtol=0, atol=1e-4)
+    assert np.abs(dx - (x - v) / 5).max() < 1e-3 * np.abs(dx).max()
+
+
+def test_temperature_on_hard_labels_and_prob_top(dtype):
+    # The same T^2 rule with labels; top[1] is q = softmax(x / T).
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((5, 4)) * 3
+    lab = np.array([0, 3, 1, 1, 2])
+    layer = _ext_layer("temperature: 2")
+    data, label = make_blob((5, 4), dtype, x), make_blob((5,), dtype, lab)
+    top = [netlite.Blob(dtype=dtype), netlite.Blob(dtype=dtype)]
+    layer.setup([data, label], top)
+    layer.forward([data, label], top)
+    q = _softmax64(x / 2, 1)
+    np.testing.assert_allclose(top[1].data, q, **_tol(dtype))
+    expected = -4 * np.log(q[np.arange(5), lab]).mean()
+    np.testing.assert_allclose(float(top[0].data), expected, **_tol(dtype))
+
+
+def test_smoothing_with_ignored_labels_drops_those_rows(dtype):
+    # PyTorch #73205: the uniform part of smoothing must skip ignored rows
+    # too.  The loss of a batch with ignored rows equals the loss of the
+    # batch without them, in every normalisation that counts labels.
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((8, 5)) * 2
+    lab = gen.integers(0, 5, size=8).astype(float)
+    lab[[1, 4, 5]] = -7
+    keep = lab != -7
+    base = "label_smoothing: 0.3 class_weight: [1, 2, 0.5, 1, 3] "
+    for mode in ("normalization: VALID", "normalization: NONE",
+                 "weight_normalization: WEIGHTED"):
+        _, full, dx = _run_ext(_ext_layer(base + "ignore_label: -7 " + mode), x,
+                               lab, dtype)
+        _, kept, dx_kept = _run_ext(_ext_layer(base + mode), x[keep],
+                                    lab[keep], dtype)
+        np.testing.assert_allclose(float(full), float(kept), **_tol(dtype))
+        np.testing.assert_allclose(dx[keep], dx_kept, **_tol(dtype))
+        assert np.all(dx[~keep] == 0)
+
+
+def test_smoothing_closed_form():
+    # Zero scores: q = 1/C, so every class term is log C and the smoothed
+    # loss is sum_c w_c t_c log C per position.
+    w = np.array([1.0, 2.0, 4.0])
+    eps = _f32(0.3)
+    t = (1 - eps) * np.eye(3)[[0, 2]] + eps / 3
+    _, loss, dx = _run_ext(_ext_layer(
+        "label_smoothing: 0.3 class_weight: [1, 2, 4] normalization: NONE"),
+        np.zeros((2, 3)), np.array([0, 2]))
+    np.testing.assert_allclose(float(loss), (w * t).sum() * math.log(3), rtol=1e-14)
+    wbar = (w * t).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(dx, wbar / 3 - w * t, rtol=1e-14, atol=1e-16)
+
+
+def test_flt_min_clamp_with_extensions(dtype):
+    # Every class term is floored at log FLT_MIN: a -inf score on a class
+    # with t_c > 0 adds -T^2 w_c t_c log FLT_MIN, finite; the gradient
+    # ignores the floor, as in plain CE.
+    x = np.array([[-np.inf, 0.0, 1.0]])
+    clamp = -math.log(FLT_MIN)
+    eps = _f32(0.3)
+    _, loss, dx = _run_ext(_ext_layer(
+        "label_smoothing: 0.3 class_weight: [2, 1, 1] normalization: NONE"),
+        x, np.array([2]), dtype)
+    q = _softmax64(x, 1)[0]
+    t = np.array([eps / 3, eps / 3, 1 - eps + eps / 3])
+    w = np.array([2.0, 1.0, 1.0])
+    expected = w[0] * t[0] * clamp - (w[1:] * t[1:] * np.log(q[1:])).sum()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    np.testing.assert_allclose(dx[0], (w * t).sum() * q - w * t, rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_per_position_shape_values_and_top_diff(dtype):
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((3, 4, 2, 5)) * 2
+    lab = gen.integers(0, 4, size=(3, 2, 5)).astype(float)
+    lab[0, 1, :] = 255
+    fields = "per_position: true ignore_label: 255 class_weight: [1, 2, 3, 4]"
+    dy = gen.standard_normal((3, 2, 5))
+    loss, top, dx = _run_ext(_ext_layer(fields), x, lab, dtype, top_diff=dy)
+    assert top.shape == (3, 2, 5)  # PyTorch's reduction="none" shape
+    expected, grad = naive.softmax_loss_ext(x, lab, ignore_label=255,
+                                            class_weight=(1, 2, 3, 4),
+                                            per_position=True)
+    np.testing.assert_allclose(top, expected, **_tol(dtype))
+    assert np.all(top[0, 1, :] == 0)
+    np.testing.assert_allclose(loss, expected.sum(), rtol=1e-5)  # weight 1
+    np.testing.assert_allclose(dx, grad * dy[:, None], **_tol(dtype))
+
+
+def test_per_position_batch_size_change_keeps_loss_weight():
+    layer = _layer("loss_weight: 2 loss_param { per_position: true }")
+    data, label = make_blob((2, 3), np.float64), make_blob((2,), np.float64)
+    top = [netlite.Blob(dtype=np.float64)]
+    layer.setup([data, label], top)
+    for n in (2, 5, 3):
+        data.reshape((n, 3))
+        label.reshape((n,))
+        data.data = netlite.rng.get_rng().standard_normal((n, 3))
+        label.data = random_labels((n,), 3, np.float64)
+        loss = layer.forward([data, label], top)
+        assert top[0].shape == (n,) and np.all(top[0].diff == 2)
+        assert loss == pytest.approx(2 * top[0].data.sum(), rel=1e-14)
+
+
+def test_per_position_in_a_net():
+    net = netlite.Net(
+        """
+        force_backward: true
+        layer { name: "in" type: "Input" top: "x" top: "label"
+                input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }
+        layer { name: "loss" type: "SoftmaxWithLoss" bottom: "x" bottom: "label"
+                top: "loss" loss_weight: 0.5
+                loss_param { per_position: true label_smoothing: 0.1 } }
+        """, dtype=np.float64)
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((4, 3))
+    lab = np.array([0, 2, 1, 2])
+    out = net.forward(x=x, label=lab)
+    expected, grad = naive.softmax_loss_ext(x, lab, smoothing=_f32(0.1),
+                                            per_position=True)
+    np.testing.assert_allclose(out["loss"], expected, rtol=1e-13)
+    assert net.loss == pytest.approx(0.5 * expected.sum(), rel=1e-13)
+    net.backward()
+    np.testing.assert_allclose(net.blobs["x"].diff, 0.5 * grad, rtol=1e-12)
+
+
+@pytest.mark.parametrize("ignore", [-100, -1, 5, 255])
+@pytest.mark.parametrize("fields", ["", "class_weight: [1, 2, 3, 4, 5]",
+                                    "label_smoothing: 0.1 per_position: true"])
+def test_ignore_label_outside_range_with_extensions(dtype, ignore, fields):
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((6, 5))
+    lab = gen.integers(0, 5, size=6).astype(float)
+    lab[[0, 3]] = ignore
+    _, top, dx = _run_ext(_ext_layer(f"ignore_label: {ignore} {fields}"), x, lab,
+                          dtype)
+    weight = (1, 2, 3, 4, 5) if "class_weight" in fields else None
+    expected, grad = naive.softmax_loss_ext(
+        x, lab, ignore_label=ignore, class_weight=weight,
+        smoothing=_f32(0.1) if "smoothing" in fields else 0.0,
+        per_position="per_position" in fields)
+    np.testing.assert_allclose(top, expected, **_tol(dtype))
+    if "per_position" not in fields:
+        np.testing.assert_allclose(dx, grad, **_tol(dtype))
+    assert np.all(dx[[0, 3]] == 0)
+
+
+@pytest.mark.parametrize("fields", ["class_weight: [1, 2, 3]",
+                                    "label_smoothing: 0.1", "temperature: 2",
+                                    "per_position: true",
+                                    "weight_normalization: WEIGHTED"])
+def test_extensions_run_the_reference_on_numba(dtype, fields):
+    # The Numba kernels compute plain CE only: any extension (or target
+    # probabilities) sends the layer to the reference, decided once per
+    # setup / reshape; the plain layer still uses its kernels.
+    pytest.importorskip("numba")
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal((5, 3))
+    lab = np.array([0, 1, 2, 1, 0])
+    runs = {}
+    for engine in ("numpy", "numba"):
+        backend.set_cpu_engine(engine)
+        layer = _ext_layer(fields)
+        runs[engine] = _run_ext(layer, x, lab, dtype, top_diff=1.5)
+        assert layer.extended and layer.engine == "numpy"
+        assert layer._adapters == {}  # no kernel was used
+    for a, b in zip(runs["numpy"], runs["numba"]):
+        np.testing.assert_array_equal(a, b)
+    plain = _layer()
+    _run_ext(plain, x, lab, dtype)
+    assert not plain.extended and plain.engine == "numba"
+    assert "numba" in plain._adapters
+    _run_ext(plain, x, _softmax64(x, 1), dtype)  # target probabilities
+    assert plain.extended and plain.soft_targets and plain._adapters == {}
+
+
+# ------------------------------------------------------- extensions: torch
+TORCH_WEIGHT = (0.5, 2.0, 1.0, 3.0, 0.25)
+
+
+def _torch_run(F, torch, x, target, **kwargs):
+    xt = torch.tensor(x, requires_grad=True)
+    temp = kwargs.pop("temperature", 1.0)
+    out = temp * temp * F.cross_entropy(xt / temp, target, **kwargs)
+    return xt, out
+
+
+def _netlite_run(fields, x, target, top_diff=None):
+    _, top, dx = _run_ext(_ext_layer(fields), x, target, np.float64, top_diff)
+    return top, dx
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "label_weighted"])
+@pytest.mark.parametrize("shape", [(10, 5), (4, 5, 3, 2)])
+@pytest.mark.parametrize("ignore", [None, -100, -1, 5, 255])
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_torch_hard_labels(reduction, shape, ignore, weight, eps):
+    # F.cross_entropy(weight=, ignore_index=, label_smoothing=, reduction=)
+    # against: per_position (none), normalization NONE (sum), and for mean
+    # VALID (no weights) or WEIGHTED (weights).  Mean with weights *and*
+    # smoothing differs on purpose (§8.3): PyTorch divides by sum w_label,
+    # netlite's WEIGHTED by sum_c w_c t_c; LABEL_WEIGHTED is PyTorch's.
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    gen = netlite.rng.get_rng()
+    x = gen.standard_normal(shape) * 3
+    lshape = (shape[0],) + shape[2:]
+    lab = gen.integers(0, shape[1], size=lshape)
+    lab.flat[::3] = ignore if ignore is not None else 0
+    lab.flat[1::7] = 3  # the heavy class shows up
+    fields = [f"label_smoothing: {eps}"]
+    kwargs = {"label_smoothing": _f32(eps)}
+    if ignore is not None:
+        fields.append(f"ignore_label: {ignore}")
+        kwargs["ignore_index"] = ignore
+    if weight:
+        fields.append(f"class_weight: {list(TORCH_WEIGHT)}")
+        kwargs["weight"] = torch.tensor(TORCH_WEIGHT, dtype=torch.float64)
+    fields.append({"none": "per_position: true", "sum": "normalization: NONE",
+                   "mean": "weight_normalization: WEIGHTED" if weight
+                   else "normalization: VALID",
+                   "label_weighted": "weight_normalization: LABEL_WEIGHTED"
+                   }[reduction])
+    torch_reduction = "mean" if reduction == "label_weighted" else reduction
+    xt, out = _torch_run(F, torch, x, torch.tensor(lab), reduction=torch_reduction,
+                         **kwargs)
+    dy = gen.standard_normal(lshape) if reduction == "none" else 1.0
+    out.backward(torch.tensor(dy) if reduction == "none" else None)
+    top, dx = _netlite_run(" ".join(fields), x, lab.astype(float), dy)
+    expected, grad = out.detach().numpy(), xt.grad.numpy()
+    if reduction == "mean" and weight and eps:
+        t = (1 - _f32(eps)) * np.eye(shape[1])[np.where(lab == ignore, 0, lab)]
+        t += _f32(eps) / shape[1]
+        valid = lab != ignore
+        w = np.array(TORCH_WEIGHT)
+        label_sum = w[np.where(valid, lab, 0)][valid].sum()
+        target_sum = (t * w).sum(axis=-1)[valid].sum()
+        ratio = label_sum / target_sum  # netlite / PyTorch
+        assert abs(ratio - 1) > 1e-3
+        expected, grad = expected * ratio, grad * ratio
+    np.testing.assert_allclose(top, expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx, grad, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "weighted"])
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("eps, temp", [(0.0, 1.0), (0.1, 1.0), (0.0, 4.0),
+                                       (0.2, 0.5)])
+def test_torch_probability_targets(reduction, weight, eps, temp):
+    # PyTorch's class-probability targets, with T^2 * CE(x / T, t): none,
+    # sum and mean (= FULL) agree; PyTorch has no weighted mean for them
+    # (mean divides by N), netlite's WEIGHTED divides the sum by
+    # sum_i sum_c w_c t_ic (§8.3).
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    gen = netlite.rng.get_rng()
+    shape = (6, 5, 3)
+    x = gen.standard_normal(shape) * 3
+    t = probabilities(1)(shape, np.float64)
+    fields = [f"label_smoothing: {eps} temperature: {temp}"]
+    kwargs = {"label_smoothing": _f32(eps), "temperature": _f32(temp)}
+    w = np.array(TORCH_WEIGHT if weight else (1.0,) * 5)
+    if weight:
+        fields.append(f"class_weight: {list(TORCH_WEIGHT)}")
+        kwargs["weight"] = torch.tensor(TORCH_WEIGHT, dtype=torch.float64)
+    fields.append({"none": "per_position: true", "sum": "normalization: NONE",
+                   "mean": "normalization: FULL",
+                   "weighted": "weight_normalization: WEIGHTED"}[reduction])
+    torch_reduction = {"weighted": "sum"}.get(reduction, reduction)
+    xt, out = _torch_run(F, torch, x, torch.tensor(t), reduction=torch_reduction,
+                         **kwargs)
+    dy = gen.standard_normal((6, 3)) if reduction == "none" else 1.0
+    out.backward(torch.tensor(dy) if reduction == "none" else None)
+    top, dx = _netlite_run(" ".join(fields), x, t, dy)
+    expected, grad = out.detach().numpy(), xt.grad.numpy()
+    if reduction == "weighted":
+        ts = (1 - _f32(eps)) * t + _f32(eps) / 5
+        z = (ts * w[None, :, None]).sum()
+        expected, grad = expected / z, grad / z
+    np.testing.assert_allclose(top, expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx, grad, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.torch
+def test_torch_one_hot_probabilities_differ_from_labels_with_weights():
+    # PyTorch: with weights, a one-hot probability row's mean differs from
+    # its hard label's (N vs sum w_label); netlite's WEIGHTED gives both the
+    # label's value (test_one_hot_probabilities_equal_hard_labels).
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    gen = netlite.rng.get_rng()
+    x = torch.tensor(gen.standard_normal((6, 5)))
+    lab = torch.tensor([3, 3, 3, 0, 1, 2])
+    w = torch.tensor(TORCH_WEIGHT, dtype=torch.float64)
+    hard = F.cross_entropy(x, lab, weight=w).item()
+    soft = F.cross_entropy(x, F.one_hot(lab, 5).double(), weight=w).item()
+    assert abs(hard / soft - 1) > 0.1
+    top, _ = _netlite_run(f"class_weight: {list(TORCH_WEIGHT)} "
+                          "weight_normalization: WEIGHTED", x.numpy(),
+                          F.one_hot(lab, 5).double().numpy())
+    assert float(top) == pytest.approx(hard, rel=1e-13)
+
+
+@pytest.mark.torch
+def test_torch_zero_weight_sum_is_nan():
+    # Where the weighted mean has no weight (all ignored, or zero weights)
+    # PyTorch returns NaN; netlite returns 0 with a zero gradient
+    # (test_weighted_zero_sum_gives_zero_loss_and_gradient).
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    w = torch.tensor([0.0, 1, 1, 1], dtype=torch.float64)
+    assert math.isnan(F.cross_entropy(x, torch.tensor([-1, -1, -1]),
+                                      ignore_index=-1, weight=w).item())
+    assert math.isnan(F.cross_entropy(x, torch.tensor([0, 0, 0]), weight=w).item())
+    top, dx = _netlite_run("class_weight: [0, 1, 1, 1] weight_normalization: "
+                           "WEIGHTED", x.numpy(), np.zeros(3))
+    assert float(top) == 0 and np.all(dx == 0)
+
+
+def test_empty_batch_with_extensions(dtype):
+    for fields in ("class_weight: [1, 2, 3] weight_normalization: WEIGHTED",
+                   "label_smoothing: 0.1 temperature: 2", "per_position: true"):
+        data, label = make_blob((0, 3), dtype), make_blob((0,), dtype)
+        layer, top = _ext_layer(fields), [netlite.Blob(dtype=dtype)]
+        layer.setup([data, label], top)
+        assert layer.forward([data, label], top) == 0.0
+        layer.backward(top, [True, False], [data, label])
+        assert data.diff.shape == (0, 3)
+
+
+def test_label_weighted_refuses_target_probabilities():
+    # LABEL_WEIGHTED sums the weights of hard labels; probability rows have
+    # none (WEIGHTED is their weighted mean).
+    x = np.zeros((3, 4))
+    t = np.full((3, 4), 0.25)
+    with pytest.raises(ShapeError, match="LABEL_WEIGHTED"):
+        _netlite_run("class_weight: [1, 2, 3, 4] "
+                     "weight_normalization: LABEL_WEIGHTED", x, t)
