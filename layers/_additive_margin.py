@@ -1,7 +1,7 @@
 """Shared pieces of the target-logit margin layers (LabelSpecificAdd,
-LabelSpecificMargin): the ``(N, C)`` view of the cosines, the rows that
-get a margin, the happynear annealing schedule, the non-finite check and a
-warn-once helper.
+LabelSpecificMargin): the ``(N, C)`` view of the cosines and the shared
+reshape, the rows that get a margin, the happynear annealing schedule, the
+non-finite check and a warn-once helper.
 
 See docs/layers/label_specific_add.md and label_specific_margin.md.
 """
@@ -34,6 +34,27 @@ def cosine_dims(layer, cosine, label):
             f"must hold one label per row of bottom[0] (N = {n}, shape "
             f"{cosine.shape})")
     return n, c
+
+
+def reshape_margin_layer(layer, bottom, top, field, per_class):
+    """The shared ``reshape``: set ``layer.num``, ``layer.channels``
+    (:func:`cosine_dims`), shape ``top[0]`` as ``bottom[0]`` (unless in
+    place) and the optional ``top[1]`` (the value in use) as ``(C,)`` with
+    per-class values, else ``(1,)``.
+
+    Raises ShapeError when ``per_class`` (the ``field`` values) is given
+    but does not hold one value per class.
+    """
+    layer.num, layer.channels = cosine_dims(layer, bottom[0], bottom[1])
+    if per_class and len(per_class) != layer.channels:
+        raise ShapeError(
+            f"{layer.describe()}: {field} has {len(per_class)} "
+            f"values for C = {layer.channels} classes (bottom[0] "
+            f"{bottom[0].shape})")
+    if top[0] is not bottom[0]:
+        top[0].reshape_like(bottom[0])
+    if len(top) > 1:
+        top[1].reshape((len(per_class) or 1,))
 
 
 def ignore_label_of(layer):

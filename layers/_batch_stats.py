@@ -32,6 +32,28 @@ def channel_dims(layer, blob):
     return n, c, s
 
 
+def reshape_channels(layer, bottom, top):
+    """The shared ``reshape``: set ``layer.num`` and ``layer.spatial`` from
+    ``bottom[0]`` (:func:`channel_dims`) and shape ``top[0]`` as
+    ``bottom[0]`` (unless in place).
+
+    Raises
+    ------
+    ShapeError
+        When ``bottom[0]`` has another channel count than the
+        ``layer.channels`` it was set up for.
+    """
+    layer.num, channels, layer.spatial = channel_dims(layer, bottom[0])
+    if channels != layer.channels:
+        raise ShapeError(
+            f"{layer.describe()}: bottom[0] {bottom[0].shape} has {channels} "
+            f"channel(s) along axis 1; the layer was set up for "
+            f"{layer.channels}"
+        )
+    if top[0] is not bottom[0]:
+        top[0].reshape_like(bottom[0])
+
+
 def check_fraction(layer, value, field):
     """A momentum-like field: finite and in [0, 1]."""
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):

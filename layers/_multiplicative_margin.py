@@ -33,6 +33,7 @@ import numpy as np
 
 from netlite import backend
 from netlite.errors import LayerSetupError, NonFiniteError, ShapeError
+from netlite.layers._labels import label_codes
 
 #: Floor of every norm used as a divisor: ``x / max(|x|, EPS)``, as
 #: PyTorch's ``F.normalize`` (the forks divide by the bare norm and give
@@ -175,6 +176,15 @@ def logit_coefficients(xp, g, rows, cols, lam, c, value, slope):
     return p, q
 
 
+def layer_coefficients(layer, g):
+    """:func:`logit_coefficients` at the target entries of the layer's last
+    forward; ``(g, None)`` for ``m = 1`` (the plain inner product)."""
+    if layer.m == 1:
+        return g, None
+    return logit_coefficients(layer.xp, g, layer.rows, layer.cols, layer.lam,
+                              layer.c, layer.value, layer.slope)
+
+
 def check_features(layer, blob):
     """Raise NonFiniteError naming the first NaN or infinite feature of
     ``blob`` (``bottom[0]``)."""
@@ -240,7 +250,25 @@ def reshape_layer(layer, p, bottom, top):
         top[1].reshape(())
 
 
-def check_no_label_backward(layer, propagate_down):
-    """Raise when asked to backpropagate into the labels."""
-    if propagate_down[1]:
-        raise ValueError(f"{layer.describe()} cannot backpropagate to label inputs")
+def begin_forward(layer, bottom, top):
+    """The first steps of both layers' forward: check the features, set
+    ``layer.lam`` (lambda at the layer's iteration, written to the optional
+    ``top[1]``) and read the labels.
+
+    Returns
+    -------
+    x : array (M, K)
+        The features.
+    w : array (N, K)
+        The weights (``blobs[0].data``).
+    lam : float
+    label : int array (M,)
+        The label codes (-1 for an ignored row; :func:`label_codes`).
+    """
+    check_features(layer, bottom[0])
+    lam = layer.lam = schedule_lambda(layer.params, layer.iteration)
+    if len(top) > 1:
+        top[1].data[...] = lam
+    label = label_codes(layer, bottom[1], layer.N, layer.ignore_label, layer.axis)
+    return (bottom[0].data.reshape(layer.M, layer.K), layer.blobs[0].data, lam,
+            label)

@@ -4,7 +4,6 @@ and bias inside the layer).
 See docs/layers/bn.md.
 """
 
-from netlite.errors import ShapeError
 from netlite.layer import TEST, Layer
 from netlite.layers._batch_stats import (
     batch_moments,
@@ -14,6 +13,7 @@ from netlite.layers._batch_stats import (
     normalize,
     normalize_backward,
     pin_statistics,
+    reshape_channels,
 )
 from netlite.registry import register_layer
 
@@ -81,15 +81,7 @@ class BNLayer(Layer):
         self.inv_std = None  # r of the last forward
 
     def reshape(self, bottom, top):
-        self.num, channels, self.spatial = channel_dims(self, bottom[0])
-        if channels != self.channels:
-            raise ShapeError(
-                f"{self.describe()}: bottom[0] {bottom[0].shape} has {channels} "
-                f"channel(s) along axis 1; the layer was set up for "
-                f"{self.channels}"
-            )
-        if top[0] is not bottom[0]:
-            top[0].reshape_like(bottom[0])
+        reshape_channels(self, bottom, top)
 
     def _view(self, array):
         return array.reshape(self.num, self.channels, self.spatial)

@@ -3,15 +3,15 @@
 See docs/layers/label_specific_add.md.
 """
 
-from netlite.errors import LayerSetupError, ShapeError
-from netlite.layer import TEST, Layer
+from netlite.errors import LayerSetupError
+from netlite.layer import TEST, LabelledLayer
 from netlite.layers._additive_margin import (
     anneal,
     check_field,
     check_finite,
-    cosine_dims,
     ignore_label_of,
     margin_rows,
+    reshape_margin_layer,
 )
 from netlite.registry import register_layer
 
@@ -19,7 +19,7 @@ __all__ = ["LabelSpecificAddLayer"]
 
 
 @register_layer("LabelSpecificAdd")
-class LabelSpecificAddLayer(Layer):
+class LabelSpecificAddLayer(LabelledLayer):
     r"""Add ``b = -m`` to each row's target cosine.
 
     Type string ``"LabelSpecificAdd"`` (happynear/caffe-windows).  With
@@ -58,12 +58,8 @@ class LabelSpecificAddLayer(Layer):
         A NaN or infinite cosine.
     """
 
-    exact_num_bottom_blobs = 2
     min_top_blobs = 1
     max_top_blobs = 2
-
-    def allow_force_backward(self, bottom_index):
-        return bottom_index != 1  # labels get no gradient
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.label_specific_add_param
@@ -94,16 +90,7 @@ class LabelSpecificAddLayer(Layer):
             check_field(self, "bias", float(p.bias), high=0.0, why=why)
 
     def reshape(self, bottom, top):
-        self.num, self.channels = cosine_dims(self, bottom[0], bottom[1])
-        if self.class_bias and len(self.class_bias) != self.channels:
-            raise ShapeError(
-                f"{self.describe()}: class_bias has {len(self.class_bias)} "
-                f"values for C = {self.channels} classes (bottom[0] "
-                f"{bottom[0].shape})")
-        if top[0] is not bottom[0]:
-            top[0].reshape_like(bottom[0])
-        if len(top) > 1:
-            top[1].reshape((len(self.class_bias) or 1,))
+        reshape_margin_layer(self, bottom, top, "class_bias", self.class_bias)
 
     def current_bias(self):
         """The scalar bias ``b`` at ``self.iteration`` (float64).
@@ -149,7 +136,6 @@ class LabelSpecificAddLayer(Layer):
         z[rows, cols] = (target.astype(xp.float64) + b).astype(self.dtype)
 
     def backward_cpu(self, top, propagate_down, bottom):
-        if len(propagate_down) > 1 and propagate_down[1]:
-            raise ValueError(f"{self.describe()} cannot backpropagate to label inputs")
+        self.check_no_label_backward(propagate_down)
         if propagate_down[0] and top[0] is not bottom[0]:
             bottom[0].diff[...] = top[0].diff

@@ -6,15 +6,15 @@ See docs/layers/label_specific_margin.md.
 
 import math
 
-from netlite.errors import LayerSetupError, ShapeError
-from netlite.layer import TEST, Layer
+from netlite.errors import LayerSetupError
+from netlite.layer import TEST, LabelledLayer
 from netlite.layers._additive_margin import (
     anneal,
     check_field,
     check_finite,
-    cosine_dims,
     ignore_label_of,
     margin_rows,
+    reshape_margin_layer,
     warn_once,
 )
 from netlite.proto import netlite_pb2
@@ -78,7 +78,7 @@ def psi_prime(xp, c, m1, m2, eps):
 
 
 @register_layer("LabelSpecificMargin")
-class LabelSpecificMarginLayer(Layer):
+class LabelSpecificMarginLayer(LabelledLayer):
     r"""Replace each row's target cosine ``c`` by ``psi(c)``.
 
     Type string ``"LabelSpecificMargin"`` (happynear/caffe-windows,
@@ -108,12 +108,8 @@ class LabelSpecificMarginLayer(Layer):
         ``class_margin``.  ``auto_tune`` and ``reset_margin`` are rejected.
     """
 
-    exact_num_bottom_blobs = 2
     min_top_blobs = 1
     max_top_blobs = 2
-
-    def allow_force_backward(self, bottom_index):
-        return bottom_index != 1  # labels get no gradient
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.label_specific_margin_param
@@ -186,16 +182,7 @@ class LabelSpecificMarginLayer(Layer):
                     f"{half_turn:g} (pi in the layer's unit)")
 
     def reshape(self, bottom, top):
-        self.num, self.channels = cosine_dims(self, bottom[0], bottom[1])
-        if self.class_margin and len(self.class_margin) != self.channels:
-            raise ShapeError(
-                f"{self.describe()}: class_margin has {len(self.class_margin)} "
-                f"values for C = {self.channels} classes (bottom[0] "
-                f"{bottom[0].shape})")
-        if top[0] is not bottom[0]:
-            top[0].reshape_like(bottom[0])
-        if len(top) > 1:
-            top[1].reshape((len(self.class_margin) or 1,))
+        reshape_margin_layer(self, bottom, top, "class_margin", self.class_margin)
 
     def current_margin(self):
         """The scalar margin at ``self.iteration`` in the layer's unit
@@ -294,8 +281,7 @@ class LabelSpecificMarginLayer(Layer):
         self._factor = xp.where(keep, slope, 1.0)
 
     def backward_cpu(self, top, propagate_down, bottom):
-        if len(propagate_down) > 1 and propagate_down[1]:
-            raise ValueError(f"{self.describe()} cannot backpropagate to label inputs")
+        self.check_no_label_backward(propagate_down)
         if not propagate_down[0]:
             return
         if top[0] is not bottom[0]:

@@ -3,23 +3,20 @@
 See docs/layers/large_margin_inner_product.md.
 """
 
-from netlite.layer import Layer
-from netlite.layers._labels import label_codes
+from netlite.layer import LabelledLayer
 from netlite.layers._multiplicative_margin import (
     EPS,
-    check_features,
-    check_no_label_backward,
-    logit_coefficients,
+    begin_forward,
+    layer_coefficients,
     psi,
     reshape_layer,
-    schedule_lambda,
     setup_layer,
 )
 from netlite.registry import register_layer
 
 
 @register_layer("LargeMarginInnerProduct")
-class LargeMarginInnerProductLayer(Layer):
+class LargeMarginInnerProductLayer(LabelledLayer):
     r"""Inner product whose target logit carries a multiplicative angular
     margin (wy1iu/LargeMargin_Softmax_Loss).
 
@@ -66,12 +63,8 @@ class LargeMarginInnerProductLayer(Layer):
         A NaN or infinite feature.
     """
 
-    exact_num_bottom_blobs = 2
     min_top_blobs = 1
     max_top_blobs = 2
-
-    def allow_force_backward(self, bottom_index):
-        return bottom_index != 1  # labels get no gradient
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.largemargin_inner_product_param
@@ -84,13 +77,7 @@ class LargeMarginInnerProductLayer(Layer):
     # --------------------------------------------------------- reference
     def forward_cpu(self, bottom, top):
         xp = self.xp
-        x = bottom[0].data.reshape(self.M, self.K)
-        check_features(self, bottom[0])
-        w = self.blobs[0].data
-        lam = self.lam = schedule_lambda(self.params, self.iteration)
-        if len(top) > 1:
-            top[1].data[...] = lam
-        label = label_codes(self, bottom[1], self.N, self.ignore_label, self.axis)
+        x, w, lam, label = begin_forward(self, bottom, top)
         z = top[0].data.reshape(self.M, self.N)
         xp.matmul(x, w.T, out=z)  # w_j . x_i
         if self.m == 1:
@@ -106,16 +93,12 @@ class LargeMarginInnerProductLayer(Layer):
         z[rows, cols] = (lam * z[rows, cols] + s * self.value) / (1 + lam)
 
     def backward_cpu(self, top, propagate_down, bottom):
-        check_no_label_backward(self, propagate_down)
+        self.check_no_label_backward(propagate_down)
         xp = self.xp
         g = top[0].diff.reshape(self.M, self.N)
         x = bottom[0].data.reshape(self.M, self.K)
         w = self.blobs[0]
-        if self.m == 1:
-            p, q = g, None
-        else:
-            p, q = logit_coefficients(xp, g, self.rows, self.cols, self.lam,
-                                      self.c, self.value, self.slope)
+        p, q = layer_coefficients(self, g)  # (g, None) for m = 1
         if self.propagates_param(0):
             dw = p.T @ x  # phi' x_i
             if q is not None:  # + |x_i| (phi - c phi') w_hat_j

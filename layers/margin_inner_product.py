@@ -4,16 +4,13 @@
 See docs/layers/margin_inner_product.md.
 """
 
-from netlite.layer import Layer
-from netlite.layers._labels import label_codes
+from netlite.layer import LabelledLayer
 from netlite.layers._multiplicative_margin import (
     EPS,
-    check_features,
-    check_no_label_backward,
-    logit_coefficients,
+    begin_forward,
+    layer_coefficients,
     psi,
     reshape_layer,
-    schedule_lambda,
     setup_layer,
 )
 from netlite.proto import netlite_pb2
@@ -24,7 +21,7 @@ SPHEREFACE = netlite_pb2.MarginInnerProductParameter.SPHEREFACE
 
 
 @register_layer("MarginInnerProduct")
-class MarginInnerProductLayer(Layer):
+class MarginInnerProductLayer(LabelledLayer):
     r"""Inner product with unit-norm weight rows whose target logit carries
     a multiplicative angular margin (wy1iu/sphereface).
 
@@ -62,12 +59,8 @@ class MarginInnerProductLayer(Layer):
     non-finite features, ValueError for ``propagate_down[1]``.
     """
 
-    exact_num_bottom_blobs = 2
     min_top_blobs = 1
     max_top_blobs = 2
-
-    def allow_force_backward(self, bottom_index):
-        return bottom_index != 1  # labels get no gradient
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.margin_inner_product_param
@@ -80,13 +73,7 @@ class MarginInnerProductLayer(Layer):
     # --------------------------------------------------------- reference
     def forward_cpu(self, bottom, top):
         xp = self.xp
-        x = bottom[0].data.reshape(self.M, self.K)
-        check_features(self, bottom[0])
-        w = self.blobs[0].data
-        lam = self.lam = schedule_lambda(self.params, self.iteration)
-        if len(top) > 1:
-            top[1].data[...] = lam
-        label = label_codes(self, bottom[1], self.N, self.ignore_label, self.axis)
+        x, w, lam, label = begin_forward(self, bottom, top)
         self.w_norm = xp.sqrt(xp.einsum("jk,jk->j", w, w))
         self.w_hat = w / xp.maximum(self.w_norm, EPS)[:, None]
         if self.grad_mode == SPHEREFACE:
@@ -104,7 +91,7 @@ class MarginInnerProductLayer(Layer):
                          / (1 + lam))
 
     def backward_cpu(self, top, propagate_down, bottom):
-        check_no_label_backward(self, propagate_down)
+        self.check_no_label_backward(propagate_down)
         if self.grad_mode == SPHEREFACE:
             self._backward_sphereface(top, propagate_down, bottom)
             return
@@ -112,11 +99,7 @@ class MarginInnerProductLayer(Layer):
         g = top[0].diff.reshape(self.M, self.N)
         x = bottom[0].data.reshape(self.M, self.K)
         w_hat = self.w_hat
-        if self.m == 1:
-            p, q = g, None
-        else:
-            p, q = logit_coefficients(xp, g, self.rows, self.cols, self.lam,
-                                      self.c, self.value, self.slope)
+        p, q = layer_coefficients(self, g)  # (g, None) for m = 1
         if self.propagates_param(0):
             d_hat = p.T @ x  # dE/dw_hat_j = sum_i phi' x_i
             # Through w_hat = w / max(|w|, EPS): project, divide by the norm.

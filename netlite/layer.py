@@ -429,7 +429,31 @@ class EngineAdapter:
         raise NotImplementedError
 
 
-class LossLayer(Layer):
+class LabelledLayer(Layer):
+    """Base of layers with two bottoms (data, label); the label gets no gradient.
+
+    ``allow_force_backward(1)`` is False, so ``force_backward`` never sends
+    a gradient to the labels, and :meth:`check_no_label_backward` raises
+    when a backward is asked for them.  The base of :class:`LossLayer` and
+    of the margin layers (``LargeMarginInnerProduct``, ``LabelSpecificAdd``,
+    ...), which declare their own top counts.
+    """
+
+    exact_num_bottom_blobs = 2
+
+    def allow_force_backward(self, bottom_index):
+        # Labels never receive a gradient, even with force_backward.
+        return bottom_index != 1
+
+    def check_no_label_backward(self, propagate_down):
+        """Raise when asked to backpropagate into the label bottom."""
+        if len(propagate_down) > 1 and propagate_down[1]:
+            raise ValueError(
+                f"{self.describe()} cannot backpropagate to label inputs"
+            )
+
+
+class LossLayer(LabelledLayer):
     """Base of loss layers: two bottoms (prediction, target), scalar top.
 
     A loss layer without an explicit ``loss_weight`` gets weight 1 on its
@@ -438,17 +462,12 @@ class LossLayer(Layer):
     #2968); netlite fills the rest with 0 instead.
     """
 
-    exact_num_bottom_blobs = 2
     exact_num_top_blobs = 1
     auto_top_blobs = True
 
     def __init__(self, layer_param=None, **kwargs):
         super().__init__(layer_param, **kwargs)
         self._default_loss_weights = not self.layer_param.loss_weight
-
-    def allow_force_backward(self, bottom_index):
-        # Labels never receive a gradient, even with force_backward.
-        return bottom_index != 1
 
     def layer_setup(self, bottom, top):
         if self._default_loss_weights:
@@ -463,13 +482,6 @@ class LossLayer(Layer):
                 f"{bottom[1].shape}"
             )
         top[0].reshape(())
-
-    def check_no_label_backward(self, propagate_down):
-        """Raise when asked to backpropagate into the label bottom."""
-        if len(propagate_down) > 1 and propagate_down[1]:
-            raise ValueError(
-                f"{self.describe()} cannot backpropagate to label inputs"
-            )
 
 
 class NeuronLayer(Layer):

@@ -75,6 +75,19 @@ def assert_close(actual, expected, kind, dtype, what=""):
     )
 
 
+def f32(v):
+    """A proto float32 field's value as the layer reads it, widened exactly
+    (for the float64 oracles)."""
+    return float(np.float32(v))
+
+
+def rel_err(a, b):
+    """``max |a - b| / max(max |b|, 1e-300)``: the worst error relative to
+    the largest reference value (the cross-checks' figure of merit)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
 def filler(type_="gaussian", **fields):
     """A FillerParameter, e.g. ``filler("gaussian", std=10)``."""
     return FillerParameter(type=type_, **fields)
@@ -145,3 +158,22 @@ def run_engine(engine, layer_factory, bottom_arrays, top_diff_arrays=None,
         bottom_diffs = [backend.to_numpy(b.diff).copy() for b in bottom]
         param_diffs = [backend.to_numpy(p.diff).copy() for p in layer.blobs]
     return tops, bottom_diffs, param_diffs
+
+
+def assert_numba_falls_back(layer_text, bottom_arrays, top_diff_arrays,
+                            propagate_down, dtype):
+    """A layer without Numba kernels of its own: its Numba engine runs the
+    NumPy reference, so tops, bottom diffs and parameter diffs are
+    identical (:func:`run_engine` on each engine, a fresh layer from
+    ``layer_text`` each time)."""
+
+    def make():
+        return netlite.create_layer(layer_text, dtype=dtype)
+
+    ref = run_engine("numpy", make, bottom_arrays, top_diff_arrays,
+                     propagate_down, dtype)
+    got = run_engine("numba", make, bottom_arrays, top_diff_arrays,
+                     propagate_down, dtype)
+    for a, b in zip(ref, got):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)

@@ -187,11 +187,13 @@ def hinge_loss(x, labels, norm="L1"):
     return loss / n_rows, grad.reshape(x.shape) / n_rows
 
 
-def accuracy(x, labels, top_k=1, axis=1, ignore_label=None):
+def accuracy(x, labels, top_k=1, axis=1, ignore_label=None,
+             min_is_better=False):
     """``(accuracy, per_class)``: a position is correct when at most
-    ``top_k`` classes score ``>=`` its label's score (ties count against
-    the label); ignored positions are skipped; 0 when nothing is valid, and
-    per class 0 for a class without valid positions."""
+    ``top_k`` classes score ``>=`` its label's score (``<=`` with
+    ``min_is_better``; ties count against the label); ignored positions
+    are skipped; 0 when nothing is valid, and per class 0 for a class
+    without valid positions."""
     outer, c, inner = _columns(x.shape, axis)
     xv = x.reshape(outer, c, inner)
     lab = np.asarray(labels).reshape(outer, inner)
@@ -201,7 +203,11 @@ def accuracy(x, labels, top_k=1, axis=1, ignore_label=None):
             label = int(lab[n, i])
             if ignore_label is not None and label == ignore_label:
                 continue
-            rank = sum(1 for j in range(c) if xv[n, j, i] >= xv[n, label, i])
+            target = xv[n, label, i]
+            if min_is_better:
+                rank = sum(1 for j in range(c) if xv[n, j, i] <= target)
+            else:
+                rank = sum(1 for j in range(c) if xv[n, j, i] >= target)
             seen[label] += 1
             if rank <= top_k:
                 hits[label] += 1
@@ -466,22 +472,7 @@ def accuracy_min_is_better(x, labels, top_k=1, axis=1, ignore_label=None):
     """``accuracy`` with happynear's ``min_is_better``: a position is
     correct when at most ``top_k`` classes score ``<=`` its label's score
     (ties count against the label)."""
-    outer, c, inner = _columns(x.shape, axis)
-    xv = x.reshape(outer, c, inner)
-    lab = np.asarray(labels).reshape(outer, inner)
-    seen, hits = [0] * c, [0] * c
-    for n in range(outer):
-        for i in range(inner):
-            label = int(lab[n, i])
-            if ignore_label is not None and label == ignore_label:
-                continue
-            rank = sum(1 for j in range(c) if xv[n, j, i] <= xv[n, label, i])
-            seen[label] += 1
-            if rank <= top_k:
-                hits[label] += 1
-    valid = sum(seen)
-    per_class = np.array([h / s if s else 0.0 for h, s in zip(hits, seen)])
-    return (sum(hits) / valid if valid else 0.0), per_class
+    return accuracy(x, labels, top_k, axis, ignore_label, min_is_better=True)
 
 
 def multiplicative_margin_psi(c, m):
@@ -656,6 +647,24 @@ def _log_softmax_column(col):
     return [v - m - math.log1p(rest) for v in col]
 
 
+def _reduce_loss(x, axis, losses, grad, normalization, valid, weighted,
+                 weight_sum, per_position):
+    """``(loss, dloss/dx)`` from the per-position ``losses`` (outer, inner)
+    and ``grad`` (outer, C, inner): per position when ``per_position``;
+    else the sum divided by ``sum of weights`` when ``weighted``, or by
+    Caffe's ``normalization`` divisor (``valid`` positions for VALID)."""
+    outer, _, inner = _columns(x.shape, axis)
+    if per_position:
+        shape = x.shape[:axis % x.ndim] + x.shape[axis % x.ndim + 1:]
+        return losses.reshape(shape), grad.reshape(x.shape)
+    if weighted:
+        z = max(weight_sum, FLT_MIN)
+    else:
+        z = max(1, {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer,
+                    "NONE": 1}[normalization])
+    return math.fsum(losses.ravel()) / z, grad.reshape(x.shape) / z
+
+
 def softmax_loss_ext(x, target, axis=1, ignore_label=None, normalization="VALID",
                      class_weight=None, weighted=False, smoothing=0.0,
                      temperature=1.0, per_position=False):
@@ -699,15 +708,8 @@ def softmax_loss_ext(x, target, axis=1, ignore_label=None, normalization="VALID"
                 grad[i, c, k] = big_t * (wbar * math.exp(log_q[c]) - wt[c])
             valid += 1
             weight_sum += wbar
-    shape = x.shape[:axis % x.ndim] + x.shape[axis % x.ndim + 1:]
-    if per_position:
-        return losses.reshape(shape), grad.reshape(x.shape)
-    if weighted:
-        z = max(weight_sum, FLT_MIN)
-    else:
-        z = max(1, {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer,
-                    "NONE": 1}[normalization])
-    return math.fsum(losses.ravel()) / z, grad.reshape(x.shape) / z
+    return _reduce_loss(x, axis, losses, grad, normalization, valid, weighted,
+                        weight_sum, per_position)
 
 
 def focal_loss(x, labels, axis=1, ignore_label=None, normalization="VALID",
@@ -748,15 +750,8 @@ def focal_loss(x, labels, axis=1, ignore_label=None, normalization="VALID",
                 grad[i, c, k] = dl_dp * p * ((c == y) - pc)
             valid += 1
             weight_sum += w[y]
-    shape = x.shape[:axis % x.ndim] + x.shape[axis % x.ndim + 1:]
-    if per_position:
-        return losses.reshape(shape), grad.reshape(x.shape)
-    if weighted:
-        z = max(weight_sum, FLT_MIN)
-    else:
-        z = max(1, {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer,
-                    "NONE": 1}[normalization])
-    return math.fsum(losses.ravel()) / z, grad.reshape(x.shape) / z
+    return _reduce_loss(x, axis, losses, grad, normalization, valid, weighted,
+                        weight_sum, per_position)
 
 
 # ------------------------------------------------- additive margins (H3)

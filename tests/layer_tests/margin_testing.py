@@ -1,6 +1,6 @@
 """Helpers of the tests of the multiplicative-margin layers
 (LargeMarginInnerProduct, MarginInnerProduct): independent float64
-formulations to hold the layers to.
+formulations to hold the layers to, and the shared test fixtures.
 
 * ``fork_psi`` / ``fork_coefficients``: the forks' sign-function forms of
   psi_m and of the backward's coefficient pair (a_m, b_m), written from
@@ -8,12 +8,26 @@ formulations to hold the layers to.
 * ``torch_logits``: a PyTorch autograd formulation (Chebyshev by the
   binomial sum of the paper's Eq. 7, k from ``acos`` under no_grad);
 * ``softmax_cross_entropy``: mean cross-entropy and its gradient;
-* ``blob_text``: a BlobProto in prototxt, to give a layer fixed weights.
+* ``blob_text``: a BlobProto in prototxt, to give a layer fixed weights;
+* ``schedule_lambda``, ``schedule_text``: the lambda schedule's float64
+  value and its prototxt;
+* ``W_0_PI``, ``LABELS_0_PI``, ``features_0_pi``, ``zero_feature_row``,
+  ``W_ZERO_ROW``: the degenerate inputs of the standard cases;
+* ``MarginCase``, ``SHARED_CASES``: the case defaults, bottoms and optional
+  prototxt, and the cases both layers run;
+* ``pml_loss``, ``pml_margin_loss``: a pytorch-metric-learning loss and
+  its loss and gradients for given embeddings and weights.
 """
 
 import math
+import warnings
 
+import naive
 import numpy as np
+from layer_test_case import labels
+from layer_testing import f32, filler
+
+import netlite
 
 #: Proto type names by margin m.
 TYPES = {1: "SINGLE", 2: "DOUBLE", 3: "TRIPLE", 4: "QUADRUPLE"}
@@ -25,6 +39,99 @@ def blob_text(w):
     dims = " ".join(f"dim: {d}" for d in np.shape(w))
     data = " ".join(f"data: {float(v)!r}" for v in np.ravel(w))
     return f"blobs {{ shape {{ {dims} }} {data} }}"
+
+
+def schedule_lambda(sched, solver_iteration=0):
+    """The float64 lambda of a schedule dict at a solver iteration."""
+    return naive.margin_lambda(
+        sched.get("iteration", 0) + solver_iteration + 1,
+        base=f32(sched.get("base", 1)), gamma=f32(sched.get("gamma", 0)),
+        power=f32(sched.get("power", 1)), lambda_min=f32(sched.get("lambda_min", 0)))
+
+
+def schedule_text(sched):
+    """The schedule dict as prototxt fields."""
+    return " ".join(f"{k}: {v}" for k, v in sched.items())
+
+
+# Fixed weights (N = 4, K = 3) and features at theta ~ 0 and ~ pi.
+W_0_PI = np.array([[0.9, -0.4, 0.3], [0.2, 1.1, -0.5], [-0.7, 0.1, 0.8],
+                   [0.5, 0.6, 0.4]])
+LABELS_0_PI = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+
+
+def features_0_pi(shape, dtype):
+    """Rows 0-3 exactly (anti)parallel to their class's row of ``W_0_PI``
+    (c = +-1 up to rounding), rows 4-7 within ~1e-3 rad of it."""
+    gen = np.random.default_rng(3)
+    x = np.empty(shape)
+    for i, y in enumerate(LABELS_0_PI):
+        sign = 1.0 if i % 2 == 0 else -1.0
+        x[i] = sign * (1.5 + 0.25 * i) * W_0_PI[y]
+        if i >= 4:
+            x[i] += 1e-3 * gen.standard_normal(3)
+    return x
+
+
+def zero_feature_row(shape, dtype):
+    """Gaussian features with row 1 zero."""
+    x = netlite.rng.get_rng().standard_normal(shape)
+    x[1] = 0
+    return x
+
+
+#: ``W_0_PI`` with the weight row of class 2 zero.
+W_ZERO_ROW = W_0_PI.copy()
+W_ZERO_ROW[2] = 0
+
+
+class MarginCase:
+    """Mixin of the multiplicative-margin layers' LayerTestCase classes
+    (listed before LayerTestCase): the defaults of the case attributes,
+    features of :attr:`shape` (gaussian, or :attr:`features`) and labels
+    over ``shape[:axis]`` (random with every third one :attr:`ignore`, or
+    :attr:`label_values`)."""
+
+    m, sched, shape, axis, ignore, tops = 4, {"base": 0}, (6, 3), 1, None, 2
+    num_output = 5
+    weights, features, label_values = None, None, None
+
+    @property
+    def bottoms(self):
+        label_shape = self.shape[:self.axis]
+        if self.label_values is not None:
+            lab = self.label_values.reshape(label_shape)
+        else:
+            lab = labels(self.num_output, self.ignore, 3)
+        feat = self.features if self.features is not None else filler("gaussian")
+        return [(self.shape, feat), (label_shape, lab)]
+
+    def extra_text(self):
+        """``(loss_param text, blobs text)``: the ignore label and the fixed
+        weights, each empty when not set."""
+        loss = (f"loss_param {{ ignore_label: {self.ignore} }}"
+                if self.ignore is not None else "")
+        blobs = blob_text(self.weights) if self.weights is not None else ""
+        return loss, blobs
+
+
+#: The cases both layers run (m = 1..4, lambda 0 and 1, several shapes,
+#: one top, ignored labels, theta 0 and pi, a zero feature); each test
+#: class adds its own.
+SHARED_CASES = {
+    "single": {"m": 1, "sched": {}},
+    "double": {"m": 2},
+    "triple_lambda_1": {"m": 3, "sched": {}},
+    "quadruple": {},
+    "triple_spatial": {"m": 3, "shape": (4, 2, 1, 3)},
+    "quadruple_axis_2": {"shape": (2, 3, 4), "axis": 2},
+    "double_one_top": {"m": 2, "tops": 1},
+    "ignore": {"ignore": -1, "sched": {"base": 0.5}},
+    "all_ignored": {"ignore": 7, "label_values": np.full(6, 7.0)},
+    "theta_0_and_pi": {"weights": W_0_PI, "num_output": 4, "shape": (8, 3),
+                       "features": features_0_pi, "label_values": LABELS_0_PI},
+    "zero_feature": {"features": zero_feature_row, "kink_range": 1e-3},
+}
 
 
 def fork_psi(m, c):
@@ -110,8 +217,22 @@ def softmax_cross_entropy(z, labels):
     return loss, grad / len(z)
 
 
-def rel_err(a, b):
-    """``max |a - b| / max(max |b|, 1e-300)``: the worst error relative to
-    the largest reference value."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+def pml_loss(cls, **kwargs):
+    """A PML loss; its constructor's scipy call warns under NumPy 2 (a
+    DeprecationWarning of torch's ``__array_wrap__``, not ours)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cls(**kwargs)
+
+
+def pml_margin_loss(torch, cls, m, x, w, y):
+    """PML's loss ``cls`` (margin ``m``, scale 1) and its autograd gradients
+    for embeddings ``x`` and our ``w`` (PML's W is (embedding_size,
+    num_classes), i.e. W^T): ``(loss, dx, dW)``."""
+    loss_fn = pml_loss(cls, num_classes=w.shape[0], embedding_size=w.shape[1],
+                       margin=m, scale=1)
+    loss_fn.W.data = torch.tensor(w.T.copy())
+    xt = torch.tensor(x, requires_grad=True)
+    loss = loss_fn(xt, torch.tensor(y, dtype=torch.int64))
+    loss.backward()
+    return loss.item(), xt.grad.numpy(), loss_fn.W.grad.numpy().T

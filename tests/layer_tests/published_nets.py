@@ -22,6 +22,21 @@ layer types and the (nested) parameter fields it sets outside its data layers
 ``test_published_prototxts.py`` checks that each equivalent sets all of them.
 """
 
+# The SphereFace-20 trunk (SphereFace and AM-Softmax share it): its layer
+# types and parameter fields.
+_TRUNK_TYPES = {"Convolution", "Eltwise", "InnerProduct", "PReLU", "SoftmaxWithLoss"}
+_TRUNK_FIELDS = {
+    "convolution_param.bias_filler.type",
+    "convolution_param.bias_filler.value",
+    "convolution_param.kernel_size",
+    "convolution_param.num_output",
+    "convolution_param.pad",
+    "convolution_param.stride",
+    "convolution_param.weight_filler.std",
+    "convolution_param.weight_filler.type",
+    "eltwise_param.operation",
+}
+
 # Layer types and parameter fields the originals use (data layers excluded).
 ORIGINAL = {
     "lsoftmax_mnist": (
@@ -67,24 +82,8 @@ ORIGINAL = {
         },
     ),
     "sphereface": (
-        {
-            "Convolution",
-            "Eltwise",
-            "InnerProduct",
-            "MarginInnerProduct",
-            "PReLU",
-            "SoftmaxWithLoss",
-        },
-        {
-            "convolution_param.bias_filler.type",
-            "convolution_param.bias_filler.value",
-            "convolution_param.kernel_size",
-            "convolution_param.num_output",
-            "convolution_param.pad",
-            "convolution_param.stride",
-            "convolution_param.weight_filler.std",
-            "convolution_param.weight_filler.type",
-            "eltwise_param.operation",
+        _TRUNK_TYPES | {"MarginInnerProduct"},
+        _TRUNK_FIELDS | {
             "inner_product_param.bias_filler.type",
             "inner_product_param.bias_filler.value",
             "inner_product_param.num_output",
@@ -102,27 +101,8 @@ ORIGINAL = {
         },
     ),
     "amsoftmax": (
-        {
-            "Accuracy",
-            "Convolution",
-            "Eltwise",
-            "InnerProduct",
-            "LabelSpecificAdd",
-            "Normalize",
-            "PReLU",
-            "Scale",
-            "SoftmaxWithLoss",
-        },
-        {
-            "convolution_param.bias_filler.type",
-            "convolution_param.bias_filler.value",
-            "convolution_param.kernel_size",
-            "convolution_param.num_output",
-            "convolution_param.pad",
-            "convolution_param.stride",
-            "convolution_param.weight_filler.std",
-            "convolution_param.weight_filler.type",
-            "eltwise_param.operation",
+        _TRUNK_TYPES | {"Accuracy", "LabelSpecificAdd", "Normalize", "Scale"},
+        _TRUNK_FIELDS | {
             "include.phase",
             "inner_product_param.bias_filler.type",
             "inner_product_param.bias_filler.value",

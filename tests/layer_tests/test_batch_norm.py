@@ -8,8 +8,9 @@ BatchNorm + Scale against PyTorch autograd."""
 import naive
 import numpy as np
 import pytest
+from batch_norm_testing import ChannelCase, gaussian, training_forwards
 from layer_test_case import LayerTestCase
-from layer_testing import filler, make_blob
+from layer_testing import make_blob, rel_err
 
 import netlite
 from netlite import Blob, GradientChecker, LayerSetupError, NonFiniteError, ShapeError
@@ -22,14 +23,7 @@ STORED = ("blobs { shape { dim: 2 } data: 0.3 data: -0.6 } "
           "blobs { shape { dim: 1 } data: 1.9 }")
 
 
-def _constant_channel(shape, dtype):
-    """Gaussian values, channel 0 all 0.5 (its variance is exactly 0)."""
-    x = netlite.rng.get_rng().standard_normal(shape)
-    x[:, 0] = 0.5
-    return x.astype(dtype)
-
-
-class TestBatchNormLayer(LayerTestCase):
+class TestBatchNormLayer(ChannelCase, LayerTestCase):
     """The standard tests: forward against ``naive.batch_norm``, the
     exhaustive float64 gradient of x, propagate_down, overwritten bottom
     diffs.  The statistic blobs are not learned: with batch statistics the
@@ -67,11 +61,6 @@ class TestBatchNormLayer(LayerTestCase):
                 + (f"phase: {self.phase} " if self.phase else "")
                 + (STORED if self.stored else ""))
 
-    @property
-    def bottoms(self):
-        fill = _constant_channel if self.constant else filler("gaussian")
-        return [(self.shape, fill)]
-
     def oracle(self, bottoms, blobs):
         c = self.shape[1] if len(self.shape) > 1 else 1
         assert [b.shape for b in blobs] == [(c,), (c,), (1,)]
@@ -86,25 +75,12 @@ class TestBatchNormLayer(LayerTestCase):
     def test_param_diffs_accumulate(self, engine, case, dtype):
         # Replaces the harness's: the statistics have no gradient, and the
         # backward never touches their diffs.
-        netlite.set_cpu_engine(engine)
-        layer, bottom, top, _ = self.setup(case, dtype)
-        for p in layer.blobs:
-            p.diff[...] = 7
-        self.backward(layer, bottom, top)
-        self.backward(layer, bottom, top)
-        for p in layer.blobs:
-            assert np.all(p.diff == 7)
+        self.assert_param_diffs_untouched(engine, case, dtype)
 
 
 def bn_layer(text="", name="bn"):
     return BatchNormLayer(netlite.io.parse_layer_param(
         f'name: "{name}" type: "BatchNorm" {text}'))
-
-
-def gaussian(shape, dtype, seed=None):
-    if seed is not None:
-        netlite.set_random_seed(seed)
-    return make_blob(shape, dtype, filler("gaussian"))
 
 
 # ------------------------------------------------------------ Caffe ports
@@ -155,12 +131,7 @@ def test_accumulators_follow_caffes_update(dtype):
     layer = bn_layer("batch_norm_param { moving_average_fraction: 0.8 }")
     top = Blob(dtype=dtype)
     state = [np.zeros(3), np.zeros(3), np.zeros(1)]
-    for seed in (1, 2, 3):
-        x = gaussian((4, 3, 5), dtype, seed)
-        x.data[...] += np.array([1.0, -2.0, 0.0])[:, None]
-        if seed == 1:
-            layer.setup([x], [top])
-        layer.forward([x], [top])
+    for x in training_forwards(layer, top, dtype):
         state = naive.batch_norm_update(np.asarray(x.data, np.float64), *state,
                                         float(np.float32(0.8)))
         tol = 1e-5 if dtype == np.float32 else 1e-13
@@ -322,11 +293,6 @@ BN_SCALE_NET = """
           scale_param { bias_term: true filler { type: 'gaussian' }
                         bias_filler { type: 'gaussian' } } }
 """
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
 @pytest.mark.torch

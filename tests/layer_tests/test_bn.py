@@ -8,8 +8,9 @@ PyTorch autograd."""
 import naive
 import numpy as np
 import pytest
+from batch_norm_testing import ChannelCase, gaussian, training_forwards
 from layer_test_case import LayerTestCase
-from layer_testing import filler, make_blob
+from layer_testing import make_blob, rel_err
 
 import netlite
 from netlite import Blob, LayerSetupError, ShapeError
@@ -22,14 +23,7 @@ STORED = ("blobs { shape { dim: 1 dim: 2 } data: 1.3 data: -0.7 } "
           "blobs { shape { dim: 1 dim: 2 } data: 0.8 data: 1.6 } ")
 
 
-def _constant_channel(shape, dtype):
-    """Gaussian values, channel 0 all 0.5 (its variance is exactly 0)."""
-    x = netlite.rng.get_rng().standard_normal(shape)
-    x[:, 0] = 0.5
-    return x.astype(dtype)
-
-
-class TestBNLayer(LayerTestCase):
+class TestBNLayer(ChannelCase, LayerTestCase):
     """The standard tests: forward against ``naive.bn``, the exhaustive
     float64 gradient, propagate_down, accumulated slope and bias diffs,
     overwritten bottom diffs.  With batch statistics the running blobs do
@@ -64,11 +58,6 @@ class TestBNLayer(LayerTestCase):
                 + ("phase: TEST " if self.test_phase else "")
                 + ("" if self.batch_stats else STORED))
 
-    @property
-    def bottoms(self):
-        fill = _constant_channel if self.constant else filler("gaussian")
-        return [(self.shape, fill)]
-
     def oracle(self, bottoms, blobs):
         c = self.shape[1] if len(self.shape) > 1 else 1
         assert [b.shape for b in blobs] == [(1, c)] * 4
@@ -87,13 +76,7 @@ class TestBNLayer(LayerTestCase):
         if not self.frozen:
             super().test_param_diffs_accumulate(engine, case, dtype)
             return
-        netlite.set_cpu_engine(engine)
-        layer, bottom, top, _ = self.setup(case, dtype)
-        for p in layer.blobs:
-            p.diff[...] = 7
-        self.backward(layer, bottom, top)
-        for p in layer.blobs:
-            assert np.all(p.diff == 7)
+        self.assert_param_diffs_untouched(engine, case, dtype)
 
 
 def bn_layer(text="", bn="", name="bn", slope="gaussian"):
@@ -103,12 +86,6 @@ def bn_layer(text="", bn="", name="bn", slope="gaussian"):
                if slope else "")
     return BNLayer(netlite.io.parse_layer_param(
         f'name: "{name}" type: "BN" bn_param {{ {fillers}{bn} }} {text}'))
-
-
-def gaussian(shape, dtype=np.float64, seed=None):
-    if seed is not None:
-        netlite.set_random_seed(seed)
-    return make_blob(shape, dtype, filler("gaussian"))
 
 
 def run(layer, x, dy=None):
@@ -143,12 +120,7 @@ def test_running_blobs_follow_the_forks_update(dtype):
     layer, top = bn_layer(bn="momentum: 0.7 eps: 0.01"), Blob(dtype=dtype)
     m, eps = float(np.float32(0.7)), float(np.float32(0.01))
     state = [np.zeros((1, 3)), np.ones((1, 3))]
-    for seed in (1, 2, 3):
-        x = gaussian((4, 3, 5), dtype, seed)
-        x.data[...] += np.array([1.0, -2.0, 0.0])[:, None]
-        if seed == 1:
-            layer.setup([x], [top])
-        layer.forward([x], [top])
+    for x in training_forwards(layer, top, dtype):
         state = naive.bn_update(np.asarray(x.data, np.float64), *state, m, eps)
         tol = 1e-5 if dtype == np.float32 else 1e-13
         for blob, want in zip(layer.blobs[2:], state):
@@ -328,11 +300,6 @@ def test_non_finite_input_is_named():
 
 
 # ----------------------------------------------------------------- PyTorch
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
-
-
 @pytest.mark.torch
 @pytest.mark.parametrize("shape", [(6, 3), (4, 3, 2, 5)])
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST"])

@@ -8,17 +8,14 @@ import math
 import naive
 import numpy as np
 import pytest
-from layer_test_case import LayerTestCase, labels
-from layer_testing import filler, make_blob
+from layer_test_case import LayerTestCase
+from layer_testing import f32, make_blob
+from softmax_loss_testing import loss_param_fields, run_loss, scores_and_labels
 
 import netlite
 from netlite import backend
 from netlite.layers.focal_loss import FocalLossLayer
 from netlite.layers.softmax_loss import FLT_MIN, SoftmaxWithLossLayer
-
-
-def _f32(v):
-    return float(np.float32(v))
 
 
 class TestFocalLossLayer(LayerTestCase):
@@ -47,31 +44,20 @@ class TestFocalLossLayer(LayerTestCase):
 
     @property
     def layer(self):
-        loss = [f"normalization: {self.mode}"]
-        if self.ignore is not None:
-            loss.append(f"ignore_label: {self.ignore}")
-        if self.weight is not None:
-            loss.append("class_weight: [" + ", ".join(map(str, self.weight)) + "]")
-        if self.weighted:
-            loss.append("weight_normalization: WEIGHTED")
-        if self.per_position:
-            loss.append("per_position: true")
+        loss = loss_param_fields(self)
         return (f'type: "FocalLoss" softmax_param {{ axis: {self.axis} }} '
                 f'loss_param {{ {" ".join(loss)} }} focal_loss_param {{ '
                 f'type: {self.kind} gamma: {self.gamma} alpha: {self.alpha} }}')
 
     @property
     def bottoms(self):
-        axis = self.axis % len(self.shape)
-        label_shape = self.shape[:axis] + self.shape[axis + 1:]
-        return [(self.shape, filler("gaussian", std=2)),
-                (label_shape, labels(self.shape[axis], self.ignore, 3))]
+        return scores_and_labels(self.shape, self.axis, self.ignore)
 
     def oracle(self, bottoms, blobs):
         loss, _ = naive.focal_loss(
             bottoms[0], bottoms[1], self.axis, self.ignore,
-            "VALID" if self.weighted else self.mode, _f32(self.gamma),
-            _f32(self.alpha), self.weight, self.weighted, self.per_position,
+            "VALID" if self.weighted else self.mode, f32(self.gamma),
+            f32(self.alpha), self.weight, self.weighted, self.per_position,
             self.kind == "ONEADDP")
         tops = [np.asarray(loss)]
         if self.tops > 1:
@@ -82,18 +68,6 @@ class TestFocalLossLayer(LayerTestCase):
 def _layer(focal="", loss=""):
     return FocalLossLayer(f'name: "focal" loss_param {{ {loss} }} '
                           f'focal_loss_param {{ {focal} }}')
-
-
-def _run(layer, x, lab, dtype=np.float64, top_diff=None):
-    data = make_blob(np.shape(x), dtype, x)
-    label = make_blob(np.shape(lab), dtype, lab)
-    top = [netlite.Blob(dtype=dtype)]
-    layer.setup([data, label], top)
-    loss = layer.forward([data, label], top)
-    if top_diff is not None:
-        top[0].diff[...] = top_diff
-    layer.backward(top, [True, False], [data, label])
-    return loss, top[0].data.copy(), data.diff.copy()
 
 
 # ------------------------------------------------------------------ maths
@@ -109,9 +83,9 @@ def test_gamma_zero_alpha_one_is_softmax_with_loss(dtype, loss):
     lab[2, 1] = -1
     if "ignore_label: -1" not in loss:
         lab[2, 1] = 0
-    focal = _run(_layer("gamma: 0", loss), x, lab, dtype, top_diff=1.0)
-    plain = _run(SoftmaxWithLossLayer(f'name: "l" loss_param {{ {loss} }}'), x,
-                 lab, dtype, top_diff=1.0)
+    focal = run_loss(_layer("gamma: 0", loss), x, lab, dtype, top_diff=1.0)
+    plain = run_loss(SoftmaxWithLossLayer(f'name: "l" loss_param {{ {loss} }}'), x,
+                     lab, dtype, top_diff=1.0)
     tol = {"rtol": 2e-6, "atol": 1e-7} if dtype == np.float32 else {
         "rtol": 1e-13, "atol": 1e-15}
     for a, b in zip(focal, plain):
@@ -127,7 +101,7 @@ def _mp_focal(z, y, gamma, sign=-1):
         s = mpmath.fsum(mpmath.exp(v) for v in zs)
         p = [mpmath.exp(v) / s for v in zs]
         v = 1 + sign * p[y]
-        g = mpmath.mpf(_f32(gamma))
+        g = mpmath.mpf(f32(gamma))
         loss = -v ** g * mpmath.log(p[y])
         # The chain rule as written: dl/dp_y times dp_y/dz_c = p_y ([c = y]
         # - p_c); at 50 digits v = 1 - p_y > 0 for every margin used.
@@ -145,8 +119,8 @@ def test_p_to_one_against_mpmath(gamma, margin):
     # -expm1(log p) and log p from log1p, and (1-p)^(gamma-1) p log p takes
     # its limit as a product (gamma < 1).
     z = np.array([margin, 0.0, -1.0, 0.5])
-    _, loss, dx = _run(_layer(f"gamma: {gamma}", "normalization: NONE"),
-                       z[None], np.array([0.0]))
+    _, loss, dx = run_loss(_layer(f"gamma: {gamma}", "normalization: NONE"),
+                           z[None], np.array([0.0]))
     expected, grad = _mp_focal(z, 0, gamma)
     assert float(loss) == pytest.approx(expected, rel=1e-13, abs=1e-300)
     np.testing.assert_allclose(dx[0], grad, rtol=1e-13, atol=0)
@@ -159,7 +133,7 @@ def test_exact_p_equal_one_limit(gamma):
     # loss is 0 and the gradient 0 (its limit), never NaN.  At gamma = 0
     # the gradient is p - onehot = 0 too.
     z = np.array([[3.0, -np.inf, -np.inf]])
-    _, loss, dx = _run(_layer(f"gamma: {gamma}"), z, np.array([0.0]))
+    _, loss, dx = run_loss(_layer(f"gamma: {gamma}"), z, np.array([0.0]))
     assert float(loss) == 0.0
     assert np.all(dx == 0)
 
@@ -169,7 +143,7 @@ def test_p_to_zero_and_flt_min_clamp(dtype):
     # (the FLT_MIN floor of log p, as Caffe and happynear), the gradient
     # alpha * (p - onehot) (f -> 1 as p -> 0).
     z = np.array([[-np.inf, 0.0, 1.0]])
-    _, loss, dx = _run(_layer("gamma: 2 alpha: 0.25"), z, np.array([0.0]), dtype)
+    _, loss, dx = run_loss(_layer("gamma: 2 alpha: 0.25"), z, np.array([0.0]), dtype)
     np.testing.assert_allclose(float(loss), 0.25 * -math.log(FLT_MIN), rtol=1e-6)
     q = np.exp(z[0] - np.logaddexp(0.0, 1.0))
     q[0] = 0
@@ -189,12 +163,12 @@ def test_matches_happynear_gradient_expression(gamma):
     pt = p[np.arange(6), lab]
     onehot = np.eye(5)[lab]
     for kind, s in (("ORIGIN", -1), ("ONEADDP", 1)):
-        g = _f32(gamma)
+        g = f32(gamma)
         v = 1 + s * pt
         grad = s * g * v ** g / np.maximum(v, 1e-10) * np.log(pt) * pt + v ** g
         loss = -(v ** g * np.log(pt)).sum()
-        _, top, dx = _run(_layer(f"type: {kind} gamma: {gamma}",
-                                 "normalization: NONE"), x, lab.astype(float))
+        _, top, dx = run_loss(_layer(f"type: {kind} gamma: {gamma}",
+                                     "normalization: NONE"), x, lab.astype(float))
         np.testing.assert_allclose(float(top), loss, rtol=1e-13)
         np.testing.assert_allclose(dx, grad[:, None] * (p - onehot), rtol=1e-12,
                                    atol=1e-15)
@@ -204,16 +178,16 @@ def test_alpha_scales_and_class_weights_are_per_class_alpha():
     gen = netlite.rng.get_rng()
     x = gen.standard_normal((8, 3)) * 2
     lab = np.array([0, 1, 2, 2, 1, 0, 0, 2.0])
-    _, base, dbase = _run(_layer("gamma: 2", "normalization: NONE"), x, lab)
-    _, scaled, dscaled = _run(_layer("gamma: 2 alpha: 0.25",
-                                     "normalization: NONE"), x, lab)
+    _, base, dbase = run_loss(_layer("gamma: 2", "normalization: NONE"), x, lab)
+    _, scaled, dscaled = run_loss(_layer("gamma: 2 alpha: 0.25",
+                                         "normalization: NONE"), x, lab)
     np.testing.assert_allclose(scaled, 0.25 * base, rtol=1e-14)
     np.testing.assert_allclose(dscaled, 0.25 * dbase, rtol=1e-14)
-    _, per, dper = _run(_layer("gamma: 2", "normalization: NONE per_position: "
-                               "true"), x, lab, top_diff=1.0)
+    _, per, dper = run_loss(_layer("gamma: 2", "normalization: NONE per_position: "
+                                   "true"), x, lab, top_diff=1.0)
     w = np.array([1.0, 4.0, 0.5])
-    _, weighted, dweighted = _run(_layer("gamma: 2", "class_weight: [1, 4, 0.5] "
-                                         "weight_normalization: WEIGHTED"), x, lab)
+    _, weighted, dweighted = run_loss(_layer("gamma: 2", "class_weight: [1, 4, 0.5] "
+                                             "weight_normalization: WEIGHTED"), x, lab)
     wl = w[lab.astype(int)]
     np.testing.assert_allclose(float(weighted), (wl * per).sum() / wl.sum(),
                                rtol=1e-14)
@@ -225,8 +199,8 @@ def test_alpha_scales_and_class_weights_are_per_class_alpha():
 def test_all_ignored_gives_zero_loss_and_gradient(dtype, mode):
     x = netlite.rng.get_rng().standard_normal((4, 3, 2))
     lab = np.full((4, 2), 7.0)
-    loss, top, dx = _run(_layer("gamma: 0.5", f"ignore_label: 7 normalization: "
-                                f"{mode}"), x, lab, dtype)
+    loss, top, dx = run_loss(_layer("gamma: 0.5", f"ignore_label: 7 normalization: "
+                                    f"{mode}"), x, lab, dtype)
     assert loss == 0.0 and float(top) == 0.0 and np.all(dx == 0)
 
 
@@ -235,9 +209,9 @@ def test_non_finite_score_raises_and_is_harmless_when_ignored(dtype):
     x[1, 2] = np.nan
     with pytest.raises(netlite.NonFiniteError, match=r"FocalLoss layer 'focal'.*"
                        r"\(1, 2\)"):
-        _run(_layer(), x, np.array([0, 1, 2.0]), dtype)
-    _, top, dx = _run(_layer("", "ignore_label: 9"), x, np.array([0, 9, 2.0]),
-                      dtype)
+        run_loss(_layer(), x, np.array([0, 1, 2.0]), dtype)
+    _, top, dx = run_loss(_layer("", "ignore_label: 9"), x, np.array([0, 9, 2.0]),
+                          dtype)
     assert math.isfinite(float(top)) and np.all(dx[1] == 0)
 
 
@@ -265,9 +239,9 @@ def test_labels_only(dtype):
     # No target probabilities: a label blob of the scores' shape is a
     # label-count mismatch; bad labels raise as in SoftmaxWithLoss.
     with pytest.raises(netlite.ShapeError, match="FocalLoss layer 'focal'"):
-        _run(_layer(), np.zeros((4, 3)), np.full((4, 3), 1 / 3), dtype)
+        run_loss(_layer(), np.zeros((4, 3)), np.full((4, 3), 1 / 3), dtype)
     with pytest.raises(netlite.LabelError, match=r"label 3\.0 at index \(1,\)"):
-        _run(_layer(), np.zeros((4, 3)), np.array([0, 3, 1, 2.0]), dtype)
+        run_loss(_layer(), np.zeros((4, 3)), np.array([0, 3, 1, 2.0]), dtype)
     with pytest.raises(ValueError, match="label"):
         layer = _layer()
         data, label = make_blob((2, 3), dtype), make_blob((2,), dtype)
@@ -285,7 +259,7 @@ def test_runs_the_reference_on_numba(dtype):
     for engine in ("numpy", "numba"):
         backend.set_cpu_engine(engine)
         layer = _layer("gamma: 2")
-        runs.append(_run(layer, x, lab, dtype))
+        runs.append(run_loss(layer, x, lab, dtype))
         assert layer.extended and layer.engine == "numpy"
         assert layer._adapters == {}
     for a, b in zip(*runs):
@@ -347,7 +321,7 @@ def test_matches_torch_autograd(gamma, reduction, ignore, weight):
     w = (0.5, 2.0, 1.0, 3.0, 0.25)
     wt = torch.tensor(w, dtype=torch.float64) if weight else None
     xt = torch.tensor(x, requires_grad=True)
-    per, wl = _torch_focal(torch, xt, torch.tensor(lab), _f32(gamma), alpha, wt,
+    per, wl = _torch_focal(torch, xt, torch.tensor(lab), f32(gamma), alpha, wt,
                            ignore)
     out = {"none": per, "sum": per.sum(),
            "mean": per.sum() / (torch.tensor(lab) != ignore).sum(),
@@ -360,8 +334,9 @@ def test_matches_torch_autograd(gamma, reduction, ignore, weight):
                     "weighted": "weight_normalization: WEIGHTED"}[reduction]]
     if weight:
         loss_fields.append(f"class_weight: {list(w)}")
-    _, top, dx = _run(_layer(f"gamma: {gamma} alpha: {alpha}", " ".join(loss_fields)),
-                      x, lab.astype(float), top_diff=dy if dy is not None else 1.0)
+    layer = _layer(f"gamma: {gamma} alpha: {alpha}", " ".join(loss_fields))
+    _, top, dx = run_loss(layer, x, lab.astype(float),
+                          top_diff=dy if dy is not None else 1.0)
     np.testing.assert_allclose(top, out.detach().numpy(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-11, atol=1e-14)
 
@@ -378,6 +353,6 @@ def test_torch_nan_at_p_one_for_gamma_below_one():
     per, _ = _torch_focal(torch, xt, torch.tensor([0]), 0.5, 1.0, None, -1)
     per.sum().backward()
     assert torch.isnan(xt.grad).any()
-    _, _, dx = _run(_layer("gamma: 0.5"), z, np.array([0.0]))
+    _, _, dx = run_loss(_layer("gamma: 0.5"), z, np.array([0.0]))
     _, grad = _mp_focal(z[0], 0, 0.5)
     np.testing.assert_allclose(dx[0], grad, rtol=1e-13, atol=0)

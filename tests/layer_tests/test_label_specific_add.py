@@ -8,18 +8,19 @@ import naive
 import numpy as np
 import pytest
 from layer_test_case import LayerTestCase, labels
-from layer_testing import filler, make_blob, requires_numba, run_engine
+from layer_testing import (
+    assert_numba_falls_back,
+    f32,
+    filler,
+    make_blob,
+    requires_numba,
+)
 
 import netlite
 from netlite import Blob
 from netlite.errors import LabelError, LayerSetupError, NonFiniteError, ShapeError
 
 UNIFORM = filler("uniform", min=-1, max=1)
-
-
-def f32(v):
-    """A proto float field as the layer reads it."""
-    return float(np.float32(v))
 
 
 def schedule(base, gamma, power, lo, hi, t):
@@ -401,16 +402,6 @@ def test_numba_engine_falls_back_to_the_reference(dtype):
     rng = np.random.default_rng(9)
     inputs = [rng.uniform(-1, 1, (6, 5)), rng.integers(0, 5, 6).astype(float)]
     diffs = [rng.standard_normal(inputs[0].shape)]
-
-    def make():
-        return netlite.create_layer(
-            'name: "l" type: "LabelSpecificAdd" '
-            "label_specific_add_param { bias: -0.35 }",
-            dtype=dtype,
-        )
-
-    ref = run_engine("numpy", make, inputs, diffs, [True, False], dtype)
-    got = run_engine("numba", make, inputs, diffs, [True, False], dtype)
-    for a, b in zip(ref, got):
-        for x, y in zip(a, b):
-            np.testing.assert_array_equal(x, y)
+    assert_numba_falls_back(
+        'name: "l" type: "LabelSpecificAdd" label_specific_add_param { bias: -0.35 }',
+        inputs, diffs, [True, False], dtype)

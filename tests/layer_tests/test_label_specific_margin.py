@@ -14,7 +14,13 @@ import naive
 import numpy as np
 import pytest
 from layer_test_case import LayerTestCase, labels
-from layer_testing import filler, make_blob, requires_numba, run_engine
+from layer_testing import (
+    assert_numba_falls_back,
+    f32,
+    filler,
+    make_blob,
+    requires_numba,
+)
 
 import netlite
 from netlite import Blob
@@ -29,11 +35,6 @@ from netlite.layers.label_specific_margin import CLAMPED_EPS, DELTA_MAX, EPS
 
 BOUNDARIES = ("THMM", "EASY", "NONE")
 GRAD_MODES = ("EXACT", "STRAIGHT_THROUGH", "CLAMPED")
-
-
-def f32(v):
-    """A proto float field as the layer reads it."""
-    return float(np.float32(v))
 
 
 def rad(deg):
@@ -852,16 +853,7 @@ def test_numba_engine_falls_back_to_the_reference(dtype):
     rng = np.random.default_rng(9)
     inputs = [rng.uniform(-1, 1, (6, 5)), rng.integers(0, 5, 6).astype(float)]
     diffs = [rng.standard_normal(inputs[0].shape)]
-
-    def make():
-        return netlite.create_layer(
-            'name: "l" type: "LabelSpecificMargin" '
-            "label_specific_margin_param { margin_base: 28.6 gamma: 0 }",
-            dtype=dtype,
-        )
-
-    ref = run_engine("numpy", make, inputs, diffs, [True, False], dtype)
-    got = run_engine("numba", make, inputs, diffs, [True, False], dtype)
-    for a, b in zip(ref, got):
-        for x, y in zip(a, b):
-            np.testing.assert_array_equal(x, y)
+    assert_numba_falls_back(
+        'name: "l" type: "LabelSpecificMargin" '
+        "label_specific_margin_param { margin_base: 28.6 gamma: 0 }",
+        inputs, diffs, [True, False], dtype)

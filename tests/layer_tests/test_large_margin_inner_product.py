@@ -7,19 +7,27 @@ cases and bad input; bit-exact resume of the lambda schedule through a
 solver snapshot; PyTorch autograd and pytorch-metric-learning 2.9.0."""
 
 import math
-import warnings
 
 import naive
 import numpy as np
 import pytest
-from layer_test_case import LayerTestCase, labels
-from layer_testing import filler, make_blob
+from layer_test_case import LayerTestCase
+from layer_testing import f32, make_blob, rel_err
 from margin_testing import (
+    LABELS_0_PI,
+    SHARED_CASES,
     TYPES,
+    W_0_PI,
+    W_ZERO_ROW,
+    MarginCase,
     blob_text,
+    features_0_pi,
     fork_coefficients,
     fork_psi,
-    rel_err,
+    pml_loss,
+    pml_margin_loss,
+    schedule_lambda,
+    schedule_text,
     softmax_cross_entropy,
     torch_logits,
 )
@@ -32,53 +40,7 @@ from netlite.layers import _multiplicative_margin as mm
 F32 = np.float32
 
 
-def f32(v):
-    """A proto float32 field's value, widened exactly."""
-    return float(np.float32(v))
-
-
-def schedule_lambda(sched, solver_iteration=0):
-    """The float64 lambda of a schedule dict at a solver iteration."""
-    return naive.margin_lambda(
-        sched.get("iteration", 0) + solver_iteration + 1,
-        base=f32(sched.get("base", 1)), gamma=f32(sched.get("gamma", 0)),
-        power=f32(sched.get("power", 1)), lambda_min=f32(sched.get("lambda_min", 0)))
-
-
-def schedule_text(sched):
-    return " ".join(f"{k}: {v}" for k, v in sched.items())
-
-
-# Fixed weights (N = 4, K = 3) and features at theta ~ 0 and ~ pi.
-_W = np.array([[0.9, -0.4, 0.3], [0.2, 1.1, -0.5], [-0.7, 0.1, 0.8],
-               [0.5, 0.6, 0.4]])
-_LABELS_0_PI = np.array([0, 1, 2, 3, 0, 1, 2, 3])
-
-
-def _features_0_pi(shape, dtype):
-    # Rows 0-3 exactly (anti)parallel to their class's row (c = +-1 up to
-    # rounding), rows 4-7 within ~1e-3 rad of it.
-    gen = np.random.default_rng(3)
-    x = np.empty(shape)
-    for i, y in enumerate(_LABELS_0_PI):
-        sign = 1.0 if i % 2 == 0 else -1.0
-        x[i] = sign * (1.5 + 0.25 * i) * _W[y]
-        if i >= 4:
-            x[i] += 1e-3 * gen.standard_normal(3)
-    return x
-
-
-def _zero_feature_row(shape, dtype):
-    x = netlite.rng.get_rng().standard_normal(shape)
-    x[1] = 0
-    return x
-
-
-_W_ZERO_ROW = _W.copy()
-_W_ZERO_ROW[2] = 0
-
-
-class TestLargeMarginInnerProductLayer(LayerTestCase):
+class TestLargeMarginInnerProductLayer(MarginCase, LayerTestCase):
     """Forward against ``naive.large_margin_inner_product`` (the angle form
     of psi), the exhaustive float64 gradient of x and W, and the contract
     tests.  Gaussian features rarely put a cosine within a step of a
@@ -86,56 +48,29 @@ class TestLargeMarginInnerProductLayer(LayerTestCase):
     for the zero-feature case (the margin logit is not differentiable at
     x = 0)."""
 
-    m, sched, shape, axis, ignore, tops = 4, {"base": 0}, (6, 3), 1, None, 2
-    num_output = 5
-    weights, features, label_values = None, None, None
     cases = {
-        "single": {"m": 1, "sched": {}},
-        "double": {"m": 2},
-        "triple_lambda_1": {"m": 3, "sched": {}},
-        "quadruple": {},
+        **SHARED_CASES,
         "quadruple_lambda_large": {
             "sched": {"base": 1000, "gamma": 0.001, "power": 2, "iteration": 5}},
         "double_lambda_min": {
             "m": 2, "sched": {"base": 1, "gamma": 1, "lambda_min": 0.25,
                               "iteration": 9}},
-        "triple_spatial": {"m": 3, "shape": (4, 2, 1, 3)},
-        "quadruple_axis_2": {"shape": (2, 3, 4), "axis": 2},
-        "double_one_top": {"m": 2, "tops": 1},
-        "ignore": {"ignore": -1, "sched": {"base": 0.5}},
-        "all_ignored": {"ignore": 7, "label_values": np.full(6, 7.0)},
-        "theta_0_and_pi": {"weights": _W, "num_output": 4, "shape": (8, 3),
-                           "features": _features_0_pi,
-                           "label_values": _LABELS_0_PI},
-        "triple_theta_0_and_pi": {"m": 3, "weights": _W, "num_output": 4,
-                                  "shape": (8, 3), "features": _features_0_pi,
-                                  "label_values": _LABELS_0_PI},
-        "zero_feature": {"features": _zero_feature_row, "kink_range": 1e-3},
-        "zero_weight_row": {"m": 3, "weights": _W_ZERO_ROW, "num_output": 4,
+        "triple_theta_0_and_pi": {"m": 3, "weights": W_0_PI, "num_output": 4,
+                                  "shape": (8, 3), "features": features_0_pi,
+                                  "label_values": LABELS_0_PI},
+        "zero_weight_row": {"m": 3, "weights": W_ZERO_ROW, "num_output": 4,
                             "label_values": np.array([0, 1, 3, 3, 0, 1.0])},
     }
 
     @property
     def layer(self):
-        loss = (f"loss_param {{ ignore_label: {self.ignore} }}"
-                if self.ignore is not None else "")
-        blobs = blob_text(self.weights) if self.weights is not None else ""
+        loss, blobs = self.extra_text()
         return (
             f'type: "LargeMarginInnerProduct" {loss} '
             f"largemargin_inner_product_param {{ num_output: {self.num_output} "
             f"type: {TYPES[self.m]} axis: {self.axis} {schedule_text(self.sched)} "
             'weight_filler { type: "gaussian" std: 0.7 } } ' + blobs
         )
-
-    @property
-    def bottoms(self):
-        label_shape = self.shape[:self.axis]
-        if self.label_values is not None:
-            lab = self.label_values.reshape(label_shape)
-        else:
-            lab = labels(self.num_output, self.ignore, 3)
-        feat = self.features if self.features is not None else filler("gaussian")
-        return [(self.shape, feat), (label_shape, lab)]
 
     def oracle(self, bottoms, blobs):
         lam = schedule_lambda(self.sched)
@@ -615,26 +550,6 @@ def test_matches_torch_autograd(m, sched, ignore):
 
 
 # ----------------------------------------------- pytorch-metric-learning
-def pml_loss(cls, **kwargs):
-    """A PML loss; its constructor's scipy call warns under NumPy 2 (a
-    DeprecationWarning of torch's ``__array_wrap__``, not ours)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return cls(**kwargs)
-
-
-def _pml(torch, cls, m, x, w, y):
-    """PML's loss and autograd gradients for embeddings x and our W (its W
-    is (embedding_size, num_classes), i.e. W^T)."""
-    loss_fn = pml_loss(cls, num_classes=w.shape[0], embedding_size=w.shape[1],
-                       margin=m, scale=1)
-    loss_fn.W.data = torch.tensor(w.T.copy())
-    xt = torch.tensor(x, requires_grad=True)
-    loss = loss_fn(xt, torch.tensor(y, dtype=torch.int64))
-    loss.backward()
-    return loss.item(), xt.grad.numpy(), loss_fn.W.grad.numpy().T
-
-
 @pytest.mark.torch
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_matches_pytorch_metric_learning(m):
@@ -644,7 +559,7 @@ def test_matches_pytorch_metric_learning(m):
     x, w = gen.standard_normal((8, 5)), gen.standard_normal((6, 5))
     y = gen.integers(0, 6, 8)
     x[0] = -2.0 * w[y[0]] + 1e-3 * gen.standard_normal(5)  # theta near pi
-    want = _pml(torch, losses.LargeMarginSoftmaxLoss, m, x, w, y)
+    want = pml_margin_loss(torch, losses.LargeMarginSoftmaxLoss, m, x, w, y)
     # netlite: base 0 (PML has no lambda), then a float64 softmax
     # cross-entropy with PML's mean over the batch.
     layer = lsoftmax(m, {"base": 0}, n=6)
@@ -676,7 +591,7 @@ def test_pml_takes_the_branch_beyond_pi_at_c_minus_1(m):
     w = np.eye(3) * [1.0, 2.0, 0.5]
     x = np.array([[-2.0, 0, 0], [0.3, 0.2, -0.1]])
     y = np.array([0, 1])
-    want = _pml(torch, losses.LargeMarginSoftmaxLoss, m, x, w, y)
+    want = pml_margin_loss(torch, losses.LargeMarginSoftmaxLoss, m, x, w, y)
     layer = lsoftmax(m, {"base": 0}, n=3)
     z, _, _, _ = run(layer, x, y, w=w)
     loss, g = softmax_cross_entropy(z, y)
@@ -698,7 +613,7 @@ def test_pml_gradient_of_a_zero_embedding_is_zero_netlite_is_the_inner_products(
     x, w = gen.standard_normal((3, 4)), gen.standard_normal((5, 4))
     x[1] = 0
     y = np.array([0, 3, 4])
-    want = _pml(torch, losses.LargeMarginSoftmaxLoss, 4, x, w, y)
+    want = pml_margin_loss(torch, losses.LargeMarginSoftmaxLoss, 4, x, w, y)
     layer = lsoftmax(4, {"base": 0}, n=5)
     z, _, _, _ = run(layer, x, y, w=w)
     loss, g = softmax_cross_entropy(z, y)

@@ -9,20 +9,28 @@ pytorch-metric-learning 2.9.0 ``SphereFaceLoss``.  The shared maths
 (psi_m, k, the lambda schedule) is tested in
 test_large_margin_inner_product.py."""
 
-import warnings
 
 import naive
 import numpy as np
 import pytest
-from layer_test_case import LayerTestCase, labels
-from layer_testing import filler, make_blob
+from layer_test_case import LayerTestCase
+from layer_testing import f32, make_blob, rel_err
 from margin_testing import (
+    LABELS_0_PI,
+    SHARED_CASES,
     TYPES,
+    W_0_PI,
+    W_ZERO_ROW,
+    MarginCase,
     blob_text,
+    features_0_pi,
     fork_coefficients,
-    rel_err,
+    pml_margin_loss,
+    schedule_lambda,
+    schedule_text,
     softmax_cross_entropy,
     torch_logits,
+    zero_feature_row,
 )
 
 import netlite
@@ -31,78 +39,23 @@ from netlite.errors import LabelError, LayerSetupError, NonFiniteError, ShapeErr
 from netlite.layers import _multiplicative_margin as mm
 
 
-def f32(v):
-    return float(np.float32(v))
-
-
-def schedule_lambda(sched, solver_iteration=0):
-    return naive.margin_lambda(
-        sched.get("iteration", 0) + solver_iteration + 1,
-        base=f32(sched.get("base", 1)), gamma=f32(sched.get("gamma", 0)),
-        power=f32(sched.get("power", 1)), lambda_min=f32(sched.get("lambda_min", 0)))
-
-
-def schedule_text(sched):
-    return " ".join(f"{k}: {v}" for k, v in sched.items())
-
-
-_W = np.array([[0.9, -0.4, 0.3], [0.2, 1.1, -0.5], [-0.7, 0.1, 0.8],
-               [0.5, 0.6, 0.4]])
-_LABELS_0_PI = np.array([0, 1, 2, 3, 0, 1, 2, 3])
-
-
-def _features_0_pi(shape, dtype):
-    gen = np.random.default_rng(3)
-    x = np.empty(shape)
-    for i, y in enumerate(_LABELS_0_PI):
-        sign = 1.0 if i % 2 == 0 else -1.0
-        x[i] = sign * (1.5 + 0.25 * i) * _W[y]
-        if i >= 4:
-            x[i] += 1e-3 * gen.standard_normal(3)
-    return x
-
-
-def _zero_feature_row(shape, dtype):
-    x = netlite.rng.get_rng().standard_normal(shape)
-    x[1] = 0
-    return x
-
-
-_W_ZERO_ROW = _W.copy()
-_W_ZERO_ROW[2] = 0
-
-
-class TestMarginInnerProductLayer(LayerTestCase):
+class TestMarginInnerProductLayer(MarginCase, LayerTestCase):
     """Forward against ``naive.margin_inner_product``; the EXACT cases also
     pass the exhaustive float64 gradient check (x and the raw W, through
     the row normalisation).  The SPHEREFACE cases run every other standard
     test: their backward is not the gradient (see
     test_sphereface_backward_is_not_the_gradient)."""
 
-    m, sched, shape, axis, ignore, tops = 4, {"base": 0}, (6, 3), 1, None, 2
-    num_output = 5
-    weights, features, label_values, mode = None, None, None, "EXACT"
+    mode = "EXACT"
     cases = {
-        "single": {"m": 1, "sched": {}},
-        "double": {"m": 2},
-        "triple_lambda_1": {"m": 3, "sched": {}},
-        "quadruple": {},
+        **SHARED_CASES,
         "quadruple_lambda_large": {
             "sched": {"base": 1000, "gamma": 0.12, "power": 1, "lambda_min": 5}},
-        "triple_spatial": {"m": 3, "shape": (4, 2, 1, 3)},
-        "quadruple_axis_2": {"shape": (2, 3, 4), "axis": 2},
-        "double_one_top": {"m": 2, "tops": 1},
-        "ignore": {"ignore": -1, "sched": {"base": 0.5}},
-        "all_ignored": {"ignore": 7, "label_values": np.full(6, 7.0)},
-        "theta_0_and_pi": {"weights": _W, "num_output": 4, "shape": (8, 3),
-                           "features": _features_0_pi,
-                           "label_values": _LABELS_0_PI},
-        "double_theta_0_and_pi": {"m": 2, "weights": _W, "num_output": 4,
-                                  "shape": (8, 3), "features": _features_0_pi,
-                                  "label_values": _LABELS_0_PI},
-        "zero_feature": {"features": _zero_feature_row, "kink_range": 1e-3},
+        "double_theta_0_and_pi": {"m": 2, "weights": W_0_PI, "num_output": 4,
+                                  "shape": (8, 3), "features": features_0_pi,
+                                  "label_values": LABELS_0_PI},
         # w / max(|w|, EPS) is not differentiable at w = 0: skip that row.
-        "zero_weight_row": {"m": 3, "weights": _W_ZERO_ROW, "num_output": 4,
+        "zero_weight_row": {"m": 3, "weights": W_ZERO_ROW, "num_output": 4,
                             "kink_range": 1e-3},
         "sphereface_single": {"m": 1, "mode": "SPHEREFACE"},
         "sphereface_double": {"m": 2, "mode": "SPHEREFACE", "sched": {}},
@@ -112,14 +65,12 @@ class TestMarginInnerProductLayer(LayerTestCase):
                                            "lambda_min": 5, "iteration": 900}},
         "sphereface_ignore": {"mode": "SPHEREFACE", "ignore": -1},
         "sphereface_zero_feature": {"mode": "SPHEREFACE",
-                                    "features": _zero_feature_row},
+                                    "features": zero_feature_row},
     }
 
     @property
     def layer(self):
-        loss = (f"loss_param {{ ignore_label: {self.ignore} }}"
-                if self.ignore is not None else "")
-        blobs = blob_text(self.weights) if self.weights is not None else ""
+        loss, blobs = self.extra_text()
         return (
             f'type: "MarginInnerProduct" {loss} '
             f"margin_inner_product_param {{ num_output: {self.num_output} "
@@ -127,16 +78,6 @@ class TestMarginInnerProductLayer(LayerTestCase):
             f"{schedule_text(self.sched)} "
             'weight_filler { type: "gaussian" std: 0.7 } } ' + blobs
         )
-
-    @property
-    def bottoms(self):
-        label_shape = self.shape[:self.axis]
-        if self.label_values is not None:
-            lab = self.label_values.reshape(label_shape)
-        else:
-            lab = labels(self.num_output, self.ignore, 3)
-        feat = self.features if self.features is not None else filler("gaussian")
-        return [(self.shape, feat), (label_shape, lab)]
 
     def applies(self, test_name, case):
         if test_name == "test_gradient" and case.startswith("sphereface"):
@@ -418,18 +359,10 @@ def test_exact_matches_torch_autograd(m, sched, ignore):
 # ----------------------------------------------- pytorch-metric-learning
 def _pml(torch, m, x, w, y):
     """PML SphereFaceLoss: loss and autograd gradients w.r.t. the
-    embeddings and our W (PML's W is (embedding_size, num_classes))."""
+    embeddings and our W."""
     from pytorch_metric_learning.losses import SphereFaceLoss
 
-    with warnings.catch_warnings():  # its scipy call warns under NumPy 2
-        warnings.simplefilter("ignore", DeprecationWarning)
-        loss_fn = SphereFaceLoss(num_classes=w.shape[0], embedding_size=w.shape[1],
-                                 margin=m, scale=1)
-    loss_fn.W.data = torch.tensor(w.T.copy())
-    xt = torch.tensor(x, requires_grad=True)
-    loss = loss_fn(xt, torch.tensor(y, dtype=torch.int64))
-    loss.backward()
-    return loss.item(), xt.grad.numpy(), loss_fn.W.grad.numpy().T
+    return pml_margin_loss(torch, SphereFaceLoss, m, x, w, y)
 
 
 @pytest.mark.torch

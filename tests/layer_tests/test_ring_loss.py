@@ -10,7 +10,7 @@ import naive
 import numpy as np
 import pytest
 from layer_test_case import LayerTestCase
-from layer_testing import filler, make_blob
+from layer_testing import filler, make_blob, rel_err
 
 import netlite
 from netlite import Blob, LayerSetupError, NetliteWarning, NonFiniteError, ShapeError
@@ -333,11 +333,6 @@ def torch_ring(torch, x, r, kind, eps, per_position):
     else:
         ell = 0.5 * (norm - r) ** 2
     return ell if per_position else ell.mean()
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
 @pytest.mark.torch

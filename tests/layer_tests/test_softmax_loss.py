@@ -12,12 +12,14 @@ import pytest
 from layer_test_case import LayerTestCase, labels
 from layer_testing import (
     PARITY_TOL,
+    f32,
     filler,
     make_blob,
     random_labels,
     requires_gpu,
     requires_numba,
 )
+from softmax_loss_testing import loss_param_fields, run_loss, scores_and_labels
 
 import netlite
 from netlite import ShapeError, backend
@@ -784,10 +786,6 @@ def probabilities(axis=1):
     return fill
 
 
-def _f32(v):
-    return float(np.float32(v))
-
-
 class TestSoftmaxWithLossExtensions(LayerTestCase):
     """The standard tests with every extension, alone and combined, on both
     CPU engines (Numba runs the reference for them)."""
@@ -817,58 +815,36 @@ class TestSoftmaxWithLossExtensions(LayerTestCase):
 
     @property
     def layer(self):
-        fields = [f"normalization: {self.mode}"]
-        if self.ignore is not None:
-            fields.append(f"ignore_label: {self.ignore}")
-        if self.weight is not None:
-            fields.append("class_weight: [" + ", ".join(map(str, self.weight)) + "]")
-        if self.weighted:
-            fields.append("weight_normalization: WEIGHTED")
+        fields = loss_param_fields(self)
         if self.eps:
             fields.append(f"label_smoothing: {self.eps}")
         if self.temp != 1:
             fields.append(f"temperature: {self.temp}")
-        if self.per_position:
-            fields.append("per_position: true")
         return (f'type: "SoftmaxWithLoss" softmax_param {{ axis: {self.axis} }} '
                 f'loss_param {{ {" ".join(fields)} }}')
 
     @property
     def bottoms(self):
-        axis = self.axis % len(self.shape)
         if self.soft:
+            axis = self.axis % len(self.shape)
             return [(self.shape, filler("gaussian", std=2)),
                     (self.shape, probabilities(axis))]
-        label_shape = self.shape[:axis] + self.shape[axis + 1:]
-        return [(self.shape, filler("gaussian", std=2)),
-                (label_shape, labels(self.shape[axis], self.ignore, 3))]
+        return scores_and_labels(self.shape, self.axis, self.ignore)
 
     def oracle(self, bottoms, blobs):
         loss, _ = naive.softmax_loss_ext(
             bottoms[0], bottoms[1], self.axis, self.ignore,
             "VALID" if self.weighted else self.mode, self.weight, self.weighted,
-            _f32(self.eps), _f32(self.temp), self.per_position)
+            f32(self.eps), f32(self.temp), self.per_position)
         tops = [np.asarray(loss)]
         if self.tops > 1:
-            tops.append(naive.softmax(bottoms[0] / _f32(self.temp), self.axis))
+            tops.append(naive.softmax(bottoms[0] / f32(self.temp), self.axis))
         return tops
 
 
 def _ext_layer(fields, axis=None):
     axis_text = f"softmax_param {{ axis: {axis} }} " if axis is not None else ""
     return _layer(f"{axis_text}loss_param {{ {fields} }}")
-
-
-def _run_ext(layer, x, target, dtype=np.float64, top_diff=None):
-    data = make_blob(np.shape(x), dtype, x)
-    label = make_blob(np.shape(target), dtype, target)
-    top = [netlite.Blob(dtype=dtype)]
-    layer.setup([data, label], top)
-    loss = layer.forward([data, label], top)
-    if top_diff is not None:
-        top[0].diff[...] = top_diff
-    layer.backward(top, [True, False], [data, label])
-    return loss, top[0].data.copy(), data.diff.copy()
 
 
 def test_class_weights_exact_values(dtype):
@@ -881,7 +857,7 @@ def test_class_weights_exact_values(dtype):
     num = (2 + 2 + 0.5 + 4) * math.log(4)
     for extra, z in (("", 4), (" weight_normalization: WEIGHTED", 8.5),
                      (" normalization: NONE", 1)):
-        loss, top, dx = _run_ext(_ext_layer(text + extra), x, lab, dtype)
+        loss, top, dx = run_loss(_ext_layer(text + extra), x, lab, dtype)
         np.testing.assert_allclose(float(top), num / z, rtol=1e-6)
         expected = np.full((5, 4), 0.25)
         expected[np.arange(4), lab[:4]] -= 1
@@ -901,7 +877,7 @@ def test_weighted_zero_sum_gives_zero_loss_and_gradient(dtype, fields, labels):
     # returns NaN: test_torch_zero_weight_sum_is_nan).
     x = netlite.rng.get_rng().standard_normal((6, 5))
     layer = _ext_layer(f"ignore_label: 9 weight_normalization: WEIGHTED {fields}")
-    loss, top, dx = _run_ext(layer, x, np.array(labels, float), dtype)
+    loss, top, dx = run_loss(layer, x, np.array(labels, float), dtype)
     assert layer.z == FLT_MIN
     assert loss == 0.0 and float(top) == 0.0
     assert np.all(dx == 0)
@@ -948,7 +924,7 @@ def test_bad_target_probabilities_raise(dtype, row, problem):
     t = np.full((4, 3), 1 / 3)
     t[2] = row
     with pytest.raises(netlite.LabelError) as info:
-        _run_ext(_layer(), np.zeros((4, 3)), t, dtype)
+        run_loss(_layer(), np.zeros((4, 3)), t, dtype)
     message = str(info.value)
     assert "SoftmaxWithLoss layer 'loss'" in message
     assert "position (outer 2, inner 0)" in message
@@ -964,10 +940,10 @@ def test_target_probability_tolerance(dtype):
         t = np.full((2, 4), 0.25)
         t[1, 0] += off
         if ok:
-            _run_ext(_layer(), x, t, dtype)
+            run_loss(_layer(), x, t, dtype)
         else:
             with pytest.raises(netlite.LabelError, match="sums to"):
-                _run_ext(_layer(), x, t, dtype)
+                run_loss(_layer(), x, t, dtype)
 
 
 @pytest.mark.parametrize("fields", [
@@ -983,8 +959,8 @@ def test_one_hot_probabilities_equal_hard_labels(fields):
     x = gen.standard_normal((6, 4, 2)) * 2
     lab = gen.integers(0, 4, size=(6, 2))
     onehot = np.moveaxis(np.eye(4)[lab], -1, 1)
-    hard = _run_ext(_ext_layer(fields), x, lab)
-    soft = _run_ext(_ext_layer(fields), x, onehot)
+    hard = run_loss(_ext_layer(fields), x, lab)
+    soft = run_loss(_ext_layer(fields), x, onehot)
     for a, b in zip(hard, soft):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
 
@@ -996,14 +972,14 @@ def test_soft_targets_ignore_nothing():
     x = gen.standard_normal((5, 3))
     t = np.full((5, 3), 1 / 3)
     layer = _ext_layer("ignore_label: 0")
-    _run_ext(layer, x, t)
+    run_loss(layer, x, t)
     assert layer.soft_targets and layer.valid_count == 5
 
 
 def test_soft_targets_need_more_than_one_class():
     # With C = 1 a label blob of the scores' shape is read as labels.
     layer = _layer()
-    _run_ext(layer, np.zeros((4, 1)), np.zeros((4, 1)))
+    run_loss(layer, np.zeros((4, 1)), np.zeros((4, 1)))
     assert not layer.soft_targets
 
 
@@ -1013,7 +989,7 @@ def test_temperature_gradient_is_T_times_q_minus_t():
     x = gen.standard_normal((4, 6)) * 5
     t = gen.dirichlet(np.ones(6), size=4)
     for temp in (0.5, 1.0, 4.0, 20.0):
-        _, loss, dx = _run_ext(_ext_layer(f"temperature: {temp}"), x, t)
+        _, loss, dx = run_loss(_ext_layer(f"temperature: {temp}"), x, t)
         q = _softmax64(x / temp, 1)
         expected = temp ** 2 * -(t * np.log(q)).sum() / 4
         np.testing.assert_allclose(float(loss), expected, rtol=1e-13)
@@ -1030,7 +1006,7 @@ def test_high_temperature_is_logit_matching():
     v -= v.mean(axis=1, keepdims=True)
     temp = 1e5  # the error of the expansion is O(x^2 / T)
     t = _softmax64(v / temp, 1)
-    _, _, dx = _run_ext(_ext_layer(f"temperature: {temp} normalization: NONE"),
+    _, _, dx = run_loss(_ext_layer(f"temperature: {temp} normalization: NONE"),
                         x, t)
     np.testing.assert_allclose(dx, (x - v) / 5, rtol=0, atol=1e-4)
     assert np.abs(dx - (x - v) / 5).max() < 1e-3 * np.abs(dx).max()
@@ -1064,9 +1040,9 @@ def test_smoothing_with_ignored_labels_drops_those_rows(dtype):
     base = "label_smoothing: 0.3 class_weight: [1, 2, 0.5, 1, 3] "
     for mode in ("normalization: VALID", "normalization: NONE",
                  "weight_normalization: WEIGHTED"):
-        _, full, dx = _run_ext(_ext_layer(base + "ignore_label: -7 " + mode), x,
+        _, full, dx = run_loss(_ext_layer(base + "ignore_label: -7 " + mode), x,
                                lab, dtype)
-        _, kept, dx_kept = _run_ext(_ext_layer(base + mode), x[keep],
+        _, kept, dx_kept = run_loss(_ext_layer(base + mode), x[keep],
                                     lab[keep], dtype)
         np.testing.assert_allclose(float(full), float(kept), **_tol(dtype))
         np.testing.assert_allclose(dx[keep], dx_kept, **_tol(dtype))
@@ -1077,9 +1053,9 @@ def test_smoothing_closed_form():
     # Zero scores: q = 1/C, so every class term is log C and the smoothed
     # loss is sum_c w_c t_c log C per position.
     w = np.array([1.0, 2.0, 4.0])
-    eps = _f32(0.3)
+    eps = f32(0.3)
     t = (1 - eps) * np.eye(3)[[0, 2]] + eps / 3
-    _, loss, dx = _run_ext(_ext_layer(
+    _, loss, dx = run_loss(_ext_layer(
         "label_smoothing: 0.3 class_weight: [1, 2, 4] normalization: NONE"),
         np.zeros((2, 3)), np.array([0, 2]))
     np.testing.assert_allclose(float(loss), (w * t).sum() * math.log(3), rtol=1e-14)
@@ -1093,8 +1069,8 @@ def test_flt_min_clamp_with_extensions(dtype):
     # ignores the floor, as in plain CE.
     x = np.array([[-np.inf, 0.0, 1.0]])
     clamp = -math.log(FLT_MIN)
-    eps = _f32(0.3)
-    _, loss, dx = _run_ext(_ext_layer(
+    eps = f32(0.3)
+    _, loss, dx = run_loss(_ext_layer(
         "label_smoothing: 0.3 class_weight: [2, 1, 1] normalization: NONE"),
         x, np.array([2]), dtype)
     q = _softmax64(x, 1)[0]
@@ -1113,7 +1089,7 @@ def test_per_position_shape_values_and_top_diff(dtype):
     lab[0, 1, :] = 255
     fields = "per_position: true ignore_label: 255 class_weight: [1, 2, 3, 4]"
     dy = gen.standard_normal((3, 2, 5))
-    loss, top, dx = _run_ext(_ext_layer(fields), x, lab, dtype, top_diff=dy)
+    loss, top, dx = run_loss(_ext_layer(fields), x, lab, dtype, top_diff=dy)
     assert top.shape == (3, 2, 5)  # PyTorch's reduction="none" shape
     expected, grad = naive.softmax_loss_ext(x, lab, ignore_label=255,
                                             class_weight=(1, 2, 3, 4),
@@ -1153,7 +1129,7 @@ def test_per_position_in_a_net():
     x = gen.standard_normal((4, 3))
     lab = np.array([0, 2, 1, 2])
     out = net.forward(x=x, label=lab)
-    expected, grad = naive.softmax_loss_ext(x, lab, smoothing=_f32(0.1),
+    expected, grad = naive.softmax_loss_ext(x, lab, smoothing=f32(0.1),
                                             per_position=True)
     np.testing.assert_allclose(out["loss"], expected, rtol=1e-13)
     assert net.loss == pytest.approx(0.5 * expected.sum(), rel=1e-13)
@@ -1169,12 +1145,12 @@ def test_ignore_label_outside_range_with_extensions(dtype, ignore, fields):
     x = gen.standard_normal((6, 5))
     lab = gen.integers(0, 5, size=6).astype(float)
     lab[[0, 3]] = ignore
-    _, top, dx = _run_ext(_ext_layer(f"ignore_label: {ignore} {fields}"), x, lab,
+    _, top, dx = run_loss(_ext_layer(f"ignore_label: {ignore} {fields}"), x, lab,
                           dtype)
     weight = (1, 2, 3, 4, 5) if "class_weight" in fields else None
     expected, grad = naive.softmax_loss_ext(
         x, lab, ignore_label=ignore, class_weight=weight,
-        smoothing=_f32(0.1) if "smoothing" in fields else 0.0,
+        smoothing=f32(0.1) if "smoothing" in fields else 0.0,
         per_position="per_position" in fields)
     np.testing.assert_allclose(top, expected, **_tol(dtype))
     if "per_position" not in fields:
@@ -1198,16 +1174,16 @@ def test_extensions_run_the_reference_on_numba(dtype, fields):
     for engine in ("numpy", "numba"):
         backend.set_cpu_engine(engine)
         layer = _ext_layer(fields)
-        runs[engine] = _run_ext(layer, x, lab, dtype, top_diff=1.5)
+        runs[engine] = run_loss(layer, x, lab, dtype, top_diff=1.5)
         assert layer.extended and layer.engine == "numpy"
         assert layer._adapters == {}  # no kernel was used
     for a, b in zip(runs["numpy"], runs["numba"]):
         np.testing.assert_array_equal(a, b)
     plain = _layer()
-    _run_ext(plain, x, lab, dtype)
+    run_loss(plain, x, lab, dtype)
     assert not plain.extended and plain.engine == "numba"
     assert "numba" in plain._adapters
-    _run_ext(plain, x, _softmax64(x, 1), dtype)  # target probabilities
+    run_loss(plain, x, _softmax64(x, 1), dtype)  # target probabilities
     assert plain.extended and plain.soft_targets and plain._adapters == {}
 
 
@@ -1223,7 +1199,7 @@ def _torch_run(F, torch, x, target, **kwargs):
 
 
 def _netlite_run(fields, x, target, top_diff=None):
-    _, top, dx = _run_ext(_ext_layer(fields), x, target, np.float64, top_diff)
+    _, top, dx = run_loss(_ext_layer(fields), x, target, np.float64, top_diff)
     return top, dx
 
 
@@ -1248,7 +1224,7 @@ def test_torch_hard_labels(reduction, shape, ignore, weight, eps):
     lab.flat[::3] = ignore if ignore is not None else 0
     lab.flat[1::7] = 3  # the heavy class shows up
     fields = [f"label_smoothing: {eps}"]
-    kwargs = {"label_smoothing": _f32(eps)}
+    kwargs = {"label_smoothing": f32(eps)}
     if ignore is not None:
         fields.append(f"ignore_label: {ignore}")
         kwargs["ignore_index"] = ignore
@@ -1268,8 +1244,8 @@ def test_torch_hard_labels(reduction, shape, ignore, weight, eps):
     top, dx = _netlite_run(" ".join(fields), x, lab.astype(float), dy)
     expected, grad = out.detach().numpy(), xt.grad.numpy()
     if reduction == "mean" and weight and eps:
-        t = (1 - _f32(eps)) * np.eye(shape[1])[np.where(lab == ignore, 0, lab)]
-        t += _f32(eps) / shape[1]
+        t = (1 - f32(eps)) * np.eye(shape[1])[np.where(lab == ignore, 0, lab)]
+        t += f32(eps) / shape[1]
         valid = lab != ignore
         w = np.array(TORCH_WEIGHT)
         label_sum = w[np.where(valid, lab, 0)][valid].sum()
@@ -1298,7 +1274,7 @@ def test_torch_probability_targets(reduction, weight, eps, temp):
     x = gen.standard_normal(shape) * 3
     t = probabilities(1)(shape, np.float64)
     fields = [f"label_smoothing: {eps} temperature: {temp}"]
-    kwargs = {"label_smoothing": _f32(eps), "temperature": _f32(temp)}
+    kwargs = {"label_smoothing": f32(eps), "temperature": f32(temp)}
     w = np.array(TORCH_WEIGHT if weight else (1.0,) * 5)
     if weight:
         fields.append(f"class_weight: {list(TORCH_WEIGHT)}")
@@ -1314,7 +1290,7 @@ def test_torch_probability_targets(reduction, weight, eps, temp):
     top, dx = _netlite_run(" ".join(fields), x, t, dy)
     expected, grad = out.detach().numpy(), xt.grad.numpy()
     if reduction == "weighted":
-        ts = (1 - _f32(eps)) * t + _f32(eps) / 5
+        ts = (1 - f32(eps)) * t + f32(eps) / 5
         z = (ts * w[None, :, None]).sum()
         expected, grad = expected / z, grad / z
     np.testing.assert_allclose(top, expected, rtol=1e-12, atol=1e-14)

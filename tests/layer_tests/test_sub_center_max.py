@@ -7,7 +7,7 @@ import naive
 import numpy as np
 import pytest
 from layer_test_case import LayerTestCase
-from layer_testing import filler, make_blob, requires_numba, run_engine
+from layer_testing import assert_numba_falls_back, filler, make_blob, requires_numba
 
 import netlite
 from netlite import Blob
@@ -173,16 +173,6 @@ def test_numba_engine_falls_back_to_the_reference(dtype):
     rng = np.random.default_rng(9)
     inputs = [rng.standard_normal((4, 12))]
     diffs = [rng.standard_normal((4, 4))]
-
-    def make():
-        return netlite.create_layer(
-            'name: "l" type: "SubCenterMax" '
-            "sub_center_param { num_subcenters: 3 }",
-            dtype=dtype,
-        )
-
-    ref = run_engine("numpy", make, inputs, diffs, [True], dtype)
-    got = run_engine("numba", make, inputs, diffs, [True], dtype)
-    for a, b in zip(ref, got):
-        for x, y in zip(a, b):
-            np.testing.assert_array_equal(x, y)
+    assert_numba_falls_back(
+        'name: "l" type: "SubCenterMax" sub_center_param { num_subcenters: 3 }',
+        inputs, diffs, [True], dtype)
