@@ -8,6 +8,8 @@
     netlite time  --model M [--iterations N] [--phase TRAIN|TEST] [--gpu ID] ...
     netlite device_query [--gpu ID|all]
     netlite convert-mnist ...
+    netlite reference --out DIR [--layers T1,T2] [--dtype float64]
+    netlite validate --corpus DIR --impl M:F --framework torch|jax|netlite ...
 
 Every option is also accepted in Caffe's (gflags') spellings: one dash
 (``-solver S``), ``-solver=S``, and underscores (``--sigint_effect``).  The
@@ -269,6 +271,15 @@ def build_parser():
         help="write MNIST IDX files as Caffe's LMDB databases "
              "(netlite convert-mnist --help)",
     )
+    sub.add_parser(
+        "reference", add_help=False,
+        help="write the reference-gradient corpus (netlite reference --help)",
+    )
+    sub.add_parser(
+        "validate", add_help=False,
+        help="hold a PyTorch, JAX or netlite implementation to a reference "
+             "corpus (netlite validate --help)",
+    )
     parser.commands = sub.choices
     return parser
 
@@ -354,7 +365,8 @@ def normalize_argv(parser, argv):
     argv : list of str
         For ``parser.parse_args``.
     tail : list of str
-        The arguments after ``convert-mnist`` (its own parser's), else [].
+        The arguments after ``convert-mnist``, ``reference`` or
+        ``validate`` (their own parsers'), else [].
     """
     parsers = parser.commands
     head, moved, rest_args, tail = [], [], [], []
@@ -375,7 +387,7 @@ def normalize_argv(parser, argv):
                     head.extend(argv[i:])  # argparse's "invalid choice"
                     break
                 command = token
-                if parsers[command].add_help is False:  # convert-mnist
+                if parsers[command].add_help is False:  # a delegated sub-tool
                     tail = argv[i:]
                     break
             continue
@@ -429,6 +441,18 @@ def main(argv=None):
         ):
             tail = ["--data", args.data, *tail]
         return convert_mnist.main(tail) or 0
+    if args.command in ("reference", "validate"):
+        # Delegated like convert-mnist (netlite/reference/cli.py); a global
+        # --engine given before `validate` is passed on.
+        from netlite.reference import cli as reference_cli
+
+        if args.command == "reference":
+            return reference_cli.main_reference(tail)
+        if args.engine is not None and not any(
+            a == "--engine" or a.startswith("--engine=") for a in tail
+        ):
+            tail = ["--engine", args.engine, *tail]
+        return reference_cli.main_validate(tail)
     command = "device_query" if args.command == "device-query" else args.command
     logs.configure_logging(args.log_level)
     try:
