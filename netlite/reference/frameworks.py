@@ -37,6 +37,27 @@ class ImplError(Exception):
     number, names or shapes of outputs, not a tensor)."""
 
 
+def _widen_floats(message, d):
+    """Replace, in ``d`` (``message`` as MessageToDict wrote it), every float32
+    field by its exact value widened to float64: MessageToDict writes a
+    float field at its shortest float32 repr (0.1), not the value netlite
+    computes with (0.10000000149011612)."""
+    for fd, value in message.ListFields():
+        if fd.name not in d:
+            continue
+        if fd.type == fd.TYPE_FLOAT:
+            if fd.is_repeated:
+                d[fd.name] = [float(np.float32(float(v))) for v in d[fd.name]]
+            else:
+                d[fd.name] = float(np.float32(float(d[fd.name])))
+        elif fd.type == fd.TYPE_MESSAGE and not fd.message_type.GetOptions().map_entry:
+            if fd.is_repeated:
+                for m, sub in zip(value, d[fd.name]):
+                    _widen_floats(m, sub)
+            else:
+                _widen_floats(value, d[fd.name])
+
+
 class Case:
     """What an implementation receives: one case of the corpus.
 
@@ -88,6 +109,7 @@ class Case:
         self.params_text = json_format.MessageToDict(
             self.message, preserving_proto_field_name=True
         )
+        _widen_floats(self.message, self.params_text)
         self.inputs = inputs
         self.params = params
         self.output_names = [s.name for s in record.specs("output")]
