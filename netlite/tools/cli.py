@@ -10,6 +10,7 @@
     netlite convert-mnist ...
     netlite reference --out DIR [--layers T1,T2] [--dtype float64]
     netlite validate --corpus DIR --impl M:F --framework torch|jax|netlite ...
+    netlite feature2d --dataset mnist --backbone small --variants V ...
 
 Every option is also accepted in Caffe's (gflags') spellings: one dash
 (``-solver S``), ``-solver=S``, and underscores (``--sigint_effect``).  The
@@ -280,6 +281,11 @@ def build_parser():
         help="hold a PyTorch, JAX or netlite implementation to a reference "
              "corpus (netlite validate --help)",
     )
+    sub.add_parser(
+        "feature2d", add_help=False,
+        help="train and draw the 2-D feature experiments "
+             "(netlite feature2d --help)",
+    )
     parser.commands = sub.choices
     return parser
 
@@ -365,8 +371,8 @@ def normalize_argv(parser, argv):
     argv : list of str
         For ``parser.parse_args``.
     tail : list of str
-        The arguments after ``convert-mnist``, ``reference`` or
-        ``validate`` (their own parsers'), else [].
+        The arguments after a delegated command (``convert-mnist``,
+        ``reference``, ``validate``, ``feature2d``: their own parsers'), else [].
     """
     parsers = parser.commands
     head, moved, rest_args, tail = [], [], [], []
@@ -453,6 +459,18 @@ def main(argv=None):
         ):
             tail = ["--engine", args.engine, *tail]
         return reference_cli.main_validate(tail)
+    if args.command == "feature2d":
+        # Delegated like convert-mnist (netlite/tools/feature2d.py); global
+        # --engine and --data given before it are passed on.
+        from netlite.tools import feature2d
+
+        for name in ("engine", "data"):
+            value = getattr(args, name)
+            if value is not None and not any(
+                a == f"--{name}" or a.startswith(f"--{name}=") for a in tail
+            ):
+                tail = [f"--{name}", value, *tail]
+        return feature2d.main(tail)
     command = "device_query" if args.command == "device-query" else args.command
     logs.configure_logging(args.log_level)
     try:
