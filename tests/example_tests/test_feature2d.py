@@ -308,3 +308,17 @@ def test_grid_on_a_dask_local_cluster(tmp_path):
         feature2d.run_grid(specs, dask=cluster.scheduler_address, progress=False,
                            log=lambda *a: None)
     _check_grid(out)
+
+
+def test_workers_get_one_blas_thread_per_job(monkeypatch):
+    # Unset, each spawned worker's OpenBLAS starts a thread per core and
+    # --jobs workers oversubscribe the machine (a 2-job grid ran 6x slower).
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # the user's own value stays
+    with feature2d._blas_threads(1):
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+        assert os.environ["MKL_NUM_THREADS"] == "3"
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    assert os.environ["MKL_NUM_THREADS"] == "3"
