@@ -158,11 +158,11 @@ def main_validate(argv=None):
         parser.error(f"--framework {args.framework} needs --impl MODULE:FUNCTION")
     if args.engine is not None and args.framework != "netlite":
         parser.error("--engine applies to --framework netlite only")
-    from netlite.reference import frameworks
+    from netlite.reference.impl import load_impl
     from netlite.reference.validate import validate
 
     try:
-        impl = frameworks.load_impl(args.impl) if args.impl else None
+        impl = load_impl(args.impl) if args.impl else None
     except Exception as exc:  # the user's module may raise anything on import
         print(
             f"netlite validate: error: --impl {args.impl}: {type(exc).__name__}: {exc}",

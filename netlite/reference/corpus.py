@@ -33,6 +33,31 @@ def parse_layers(layers):
     return out or None
 
 
+def select_layers(items, wanted, known, error):
+    """The ``items`` (cases or records) whose ``layer_type`` is in ``wanted``
+    (all when None); raises ``error(unknown)`` when a wanted type is not
+    in ``known``."""
+    if wanted is None:
+        return list(items)
+    unknown = [t for t in wanted if t not in known]
+    if unknown:
+        raise error(unknown)
+    return [r for r in items if r.layer_type in wanted]
+
+
+def unknown_layers_error(directory, known):
+    """The ``error`` of :func:`select_layers` for a corpus in ``directory``
+    with the layer types ``known``."""
+
+    def error(unknown):
+        return CorpusError(
+            f"{directory}: no cases for layer type(s) {', '.join(unknown)}; "
+            f"the corpus has {', '.join(known) or 'no cases'}"
+        )
+
+    return error
+
+
 def upstream_of(record, output_name):
     """The upstream spec of output ``output_name`` (``of``, else by name:
     ``top.<i>`` -> ``top_diff.<i>``, ``output.<b>`` -> ``output_diff.<b>``)."""
@@ -234,18 +259,10 @@ def load(directory, layers=None, verify=True):
             raise CorpusError(f"case {r.id}: listed twice in the manifest")
         seen.add(r.id)
         check_record(r, dtype)
-    wanted = parse_layers(layers)
-    if wanted is not None:
-        known = sorted({r.layer_type for r in records})
-        unknown = [t for t in wanted if t not in known]
-        if unknown:
-            raise CorpusError(
-                f"{directory}: no cases for layer type(s) {', '.join(unknown)}; "
-                f"the corpus has {', '.join(known) or 'no cases'}"
-            )
-        selected = [r for r in records if r.layer_type in wanted]
-    else:
-        selected = list(records)
+    known = sorted({r.layer_type for r in records})
+    selected = select_layers(
+        records, parse_layers(layers), known, unknown_layers_error(directory, known)
+    )
     for r in selected:
         path = os.path.join(directory, r.file)
         if not os.path.isfile(path):

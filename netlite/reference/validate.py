@@ -37,9 +37,12 @@ from netlite.reference.corpus import (
     CorpusError,
     load,
     parse_layers,
+    select_layers,
     surrogate_mode,
     target_of,
+    unknown_layers_error,
 )
+from netlite.reference.impl import ImplError, load_impl, netlite_impl
 
 TINY = np.finfo(np.float64).tiny
 PASS, FAIL, SURROGATE, ERROR, SKIP = "pass", "fail", "surrogate", "error", "skip"
@@ -260,6 +263,13 @@ def check_case(record, arrays, run):
     surrogates = {}
     for s in record.specs("surrogate"):
         surrogates.setdefault(surrogate_mode(s), {})[target_of(s)] = s.name
+
+    def matches(name, by_target):  # the gradient of name is its stored surrogate
+        return (
+            name in by_target
+            and compare(run.gradients[name], arrays[by_target[name]], tol)[4]
+        )
+
     for g in record.specs("gradient"):
         name = target_of(g)
         err, diff, nan, inf, ok, note = compare(
@@ -268,24 +278,18 @@ def check_case(record, arrays, run):
         t = TensorResult(name, roles[name], err, diff, nan, inf, ok, note=note)
         if not ok:
             for mode, by_target in surrogates.items():
-                if name in by_target:
-                    s_ok = compare(run.gradients[name], arrays[by_target[name]], tol)[4]
-                    if s_ok:
-                        t.surrogate = mode if t.surrogate is None else t.surrogate
-                        t.note = (
-                            t.note + "; " if t.note else ""
-                        ) + f"matches surrogate {mode}"
+                if matches(name, by_target):
+                    t.surrogate = mode if t.surrogate is None else t.surrogate
+                    t.note = (t.note + "; " if t.note else "") + (
+                        f"matches surrogate {mode}"
+                    )
         result.tensors.append(t)
     failing = [t for t in result.tensors if not t.ok]
     if not failing or result.verdict == SKIP:
         return result
     if all(t.kind != "output" for t in failing):
         for mode, by_target in surrogates.items():
-            if all(
-                t.name in by_target
-                and compare(run.gradients[t.name], arrays[by_target[t.name]], tol)[4]
-                for t in failing
-            ):
+            if all(matches(t.name, by_target) for t in failing):
                 result.verdict, result.surrogate = SURROGATE, mode
                 return result
     result.verdict = FAIL
@@ -295,6 +299,36 @@ def check_case(record, arrays, run):
 def _error_text(exc):
     text = f"{type(exc).__name__}: {exc}".strip()
     return " ".join(text.split())[:500]
+
+
+def _error(record, dtype, message):
+    """The CaseResult of a case that could not be run or checked."""
+    return CaseResult(
+        record.id, record.layer_type, record.kind, ERROR, dtype, message=message
+    )
+
+
+def _run_case(corpus, record, adapter, impl, dtype):
+    """The CaseResult of one case: its arrays read, ``impl`` run through
+    ``adapter``, the results checked; any failure is an ERROR result."""
+    try:
+        arrays = corpus.arrays(record)
+    except CorpusError as exc:
+        return _error(record, dtype, str(exc))
+    try:
+        run = adapter.run(record, arrays, impl)
+    except ImplError as exc:
+        return _error(record, dtype, f"implementation: {exc}")
+    except Exception as exc:  # the implementation's own error, any type
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = (
+            f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
+        )
+        return _error(record, dtype, _error_text(exc) + where)
+    try:
+        return check_case(record, arrays, run)
+    except CorpusError as exc:
+        return _error(record, run.dtype, str(exc))
 
 
 def validate(
@@ -310,7 +344,7 @@ def validate(
         ``impl(case) -> outputs`` (see docs/reference.md §5), or
         ``"module:function"``.  For ``framework="netlite"`` it returns
         ``(outputs, gradients)`` and defaults to netlite's own layer
-        (:func:`netlite.reference.frameworks.netlite_impl`).
+        (:func:`netlite.reference.impl.netlite_impl`).
     framework : {"torch", "jax", "netlite"}
     layers : str or sequence of str, optional
         Only these layer types.
@@ -331,88 +365,23 @@ def validate(
         corpus = load(corpus, layers=layers)
         records = corpus.records
     else:
-        wanted = parse_layers(layers)
-        if wanted is not None:
-            unknown = [t for t in wanted if t not in corpus.layer_types]
-            if unknown:
-                have = ", ".join(corpus.layer_types)
-                raise CorpusError(
-                    f"{corpus.directory}: no cases for layer type(s) "
-                    f"{', '.join(unknown)}; the corpus has {have}"
-                )
-        records = [
-            r for r in corpus.records if wanted is None or r.layer_type in wanted
-        ]
+        known = corpus.layer_types
+        records = select_layers(
+            corpus.records,
+            parse_layers(layers),
+            known,
+            unknown_layers_error(corpus.directory, known),
+        )
     if impl is None:
         if framework != "netlite":
             raise ValueError(f"framework {framework}: give an implementation (impl)")
-        impl = frameworks.netlite_impl
+        impl = netlite_impl
     elif isinstance(impl, str):
-        impl = frameworks.load_impl(impl)
+        impl = load_impl(impl)
     if framework == "netlite":
         engine = engine or "numpy"
     elif engine is not None:
         raise ValueError("engine applies to the netlite framework only")
     adapter = frameworks.adapter(framework, dtype=dtype, engine=engine)
-    rows = []
-    for record in records:
-        try:
-            arrays = corpus.arrays(record)
-        except CorpusError as exc:
-            rows.append(
-                CaseResult(
-                    record.id,
-                    record.layer_type,
-                    record.kind,
-                    ERROR,
-                    dtype,
-                    message=str(exc),
-                )
-            )
-            continue
-        try:
-            run = adapter.run(record, arrays, impl)
-        except frameworks.ImplError as exc:
-            rows.append(
-                CaseResult(
-                    record.id,
-                    record.layer_type,
-                    record.kind,
-                    ERROR,
-                    dtype,
-                    message=f"implementation: {exc}",
-                )
-            )
-            continue
-        except Exception as exc:  # the implementation's own error, any type
-            tb = traceback.extract_tb(exc.__traceback__)
-            where = (
-                f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})"
-                if tb
-                else ""
-            )
-            rows.append(
-                CaseResult(
-                    record.id,
-                    record.layer_type,
-                    record.kind,
-                    ERROR,
-                    dtype,
-                    message=_error_text(exc) + where,
-                )
-            )
-            continue
-        try:
-            rows.append(check_case(record, arrays, run))
-        except CorpusError as exc:
-            rows.append(
-                CaseResult(
-                    record.id,
-                    record.layer_type,
-                    record.kind,
-                    ERROR,
-                    run.dtype,
-                    message=str(exc),
-                )
-            )
+    rows = [_run_case(corpus, record, adapter, impl, dtype) for record in records]
     return Report(rows, framework, dtype=dtype, engine=engine, corpus=corpus.directory)

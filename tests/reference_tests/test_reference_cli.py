@@ -25,6 +25,14 @@ def corpus_dir(tmp_path):
     return str(tmp_path / "corpus")
 
 
+def _validate(corpus_dir, framework, *args, before=()):
+    """``netlite [before] validate --corpus corpus_dir --framework framework
+    [args]``: the exit code."""
+    return cli.main(
+        [*before, "validate", "--corpus", corpus_dir, "--framework", framework, *args]
+    )
+
+
 def _impl_file(tmp_path, body):
     path = tmp_path / "my_impl.py"
     path.write_text("import validate_testing as vt\n" + body)
@@ -34,17 +42,7 @@ def _impl_file(tmp_path, body):
 @pytest.mark.torch
 def test_validate_passes_with_exit_0(corpus_dir, capsys):
     pytest.importorskip("torch")
-    code = cli.main(
-        [
-            "validate",
-            "--corpus",
-            corpus_dir,
-            "--framework",
-            "torch",
-            "--impl",
-            "validate_testing:torch_impl",
-        ]
-    )
+    code = _validate(corpus_dir, "torch", "--impl", "validate_testing:torch_impl")
     out = capsys.readouterr().out
     assert code == 0, out
     assert "== InnerProduct (1 case)" in out and "== Head (1 case)" in out
@@ -59,9 +57,7 @@ def test_validate_fails_with_exit_1(corpus_dir, tmp_path, capsys):
     impl = _impl_file(
         tmp_path, "def impl(case):\n    return vt.torch_impl(case, flip=True)\n"
     )
-    code = cli.main(
-        ["validate", "--corpus", corpus_dir, "--framework", "torch", "--impl", impl]
-    )
+    code = _validate(corpus_dir, "torch", "--impl", impl)
     out = capsys.readouterr().out
     assert code == 1
     assert "FAIL: dbottom.0" in out and "2 failed" in out
@@ -73,12 +69,7 @@ def test_validate_surrogate_is_exit_0(corpus_dir, tmp_path, capsys):
     impl = _impl_file(
         tmp_path, "def impl(case):\n    return vt.torch_impl(case, half=True)\n"
     )
-    assert (
-        cli.main(
-            ["validate", "--corpus", corpus_dir, "--framework", "torch", "--impl", impl]
-        )
-        == 0
-    )
+    assert _validate(corpus_dir, "torch", "--impl", impl) == 0
     assert "matches surrogate HALF" in capsys.readouterr().out
 
 
@@ -94,19 +85,14 @@ def test_validate_error_case_is_exit_1_and_json(corpus_dir, tmp_path, capsys):
             "    return vt.torch_impl(case)\n"
         ),
     )
-    code = cli.main(
-        [
-            "validate",
-            "--corpus",
-            corpus_dir,
-            "--framework",
-            "torch",
-            "--impl",
-            impl,
-            "--json",
-            "--layers",
-            "Head,SoftmaxWithLoss",
-        ]
+    code = _validate(
+        corpus_dir,
+        "torch",
+        "--impl",
+        impl,
+        "--json",
+        "--layers",
+        "Head,SoftmaxWithLoss",
     )
     assert code == 1
     data = json.loads(capsys.readouterr().out)
@@ -124,9 +110,7 @@ def test_validate_error_case_is_exit_1_and_json(corpus_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("engine_args", [["--engine", "numba"], []])
 def test_validate_netlite_engines(corpus_dir, capsys, engine_args):
-    code = cli.main(
-        ["validate", "--corpus", corpus_dir, "--framework", "netlite", *engine_args]
-    )
+    code = _validate(corpus_dir, "netlite", *engine_args)
     out = capsys.readouterr().out
     assert code == 0, out
     engine = engine_args[1] if engine_args else "numpy"
@@ -134,20 +118,7 @@ def test_validate_netlite_engines(corpus_dir, capsys, engine_args):
 
 
 def test_global_engine_is_passed_on(corpus_dir, capsys):
-    assert (
-        cli.main(
-            [
-                "--engine",
-                "numba",
-                "validate",
-                "--corpus",
-                corpus_dir,
-                "--framework",
-                "netlite",
-            ]
-        )
-        == 0
-    )
+    assert _validate(corpus_dir, "netlite", before=("--engine", "numba")) == 0
     assert "(numba engine)" in capsys.readouterr().out
 
 
@@ -155,44 +126,18 @@ def test_bad_corpus_is_exit_1_naming_the_case(corpus_dir, capsys):
     import os
 
     os.remove(os.path.join(corpus_dir, "InnerProduct__basic.safetensors"))
-    code = cli.main(["validate", "--corpus", corpus_dir, "--framework", "netlite"])
+    code = _validate(corpus_dir, "netlite")
     assert code == 1
     err = capsys.readouterr().err
     assert "netlite validate: error: case InnerProduct/basic: file" in err
 
 
 def test_bad_impl_is_exit_1(corpus_dir, tmp_path, capsys):
-    assert (
-        cli.main(
-            [
-                "validate",
-                "--corpus",
-                corpus_dir,
-                "--framework",
-                "torch",
-                "--impl",
-                "no_such_module_xyz:f",
-            ]
-        )
-        == 1
-    )
+    assert _validate(corpus_dir, "torch", "--impl", "no_such_module_xyz:f") == 1
     assert "no_such_module_xyz" in capsys.readouterr().err
     broken = tmp_path / "broken.py"
     broken.write_text("def impl(:\n")
-    assert (
-        cli.main(
-            [
-                "validate",
-                "--corpus",
-                corpus_dir,
-                "--framework",
-                "torch",
-                "--impl",
-                f"{broken}:impl",
-            ]
-        )
-        == 1
-    )
+    assert _validate(corpus_dir, "torch", "--impl", f"{broken}:impl") == 1
     assert "SyntaxError" in capsys.readouterr().err
 
 
@@ -263,17 +208,7 @@ def test_help_of_both_commands(capsys):
 
 def test_validate_jax(corpus_dir, capsys):
     pytest.importorskip("jax")
-    code = cli.main(
-        [
-            "validate",
-            "--corpus",
-            corpus_dir,
-            "--framework",
-            "jax",
-            "--impl",
-            "validate_testing:jax_impl",
-        ]
-    )
+    code = _validate(corpus_dir, "jax", "--impl", "validate_testing:jax_impl")
     out = capsys.readouterr().out
     assert code == 0, out
     assert "3 cases, jax, float64: 3 passed" in out

@@ -349,7 +349,7 @@ def test_netlite_impl_must_return_gradients(corpus):
         grads.pop(next(iter(grads)))
         return outputs, grads
 
-    from netlite.reference.frameworks import netlite_impl as vt_netlite
+    from netlite.reference.impl import netlite_impl as vt_netlite
 
     report = validate(corpus, impl, "netlite")
     assert {r.verdict for r in report.rows} == {"error"}

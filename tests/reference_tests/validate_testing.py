@@ -33,14 +33,50 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "
 """
 
 
-def _specs(arrays, roles, of=None, surrogate=None):
-    of, surrogate = of or {}, surrogate or {}
-    return [
-        TensorSpec(
-            n, roles[n], list(a.shape), str(a.dtype), of.get(n), surrogate.get(n)
-        )
-        for n, a in arrays.items()
-    ]
+#: The role of a tensor, by the prefix of its name (labels are named apart).
+_ROLES = {
+    "bottom": "input",
+    "input": "input",
+    "param": "param",
+    "top": "output",
+    "output": "output",
+    "top_diff": "upstream",
+    "output_diff": "upstream",
+    "grad": "gradient",
+    "surrogate": "surrogate",
+}
+
+
+def _spec(name, a, labels):
+    """The TensorSpec of ``name``: role from the prefix, ``of`` the tensor it
+    belongs to (``top_diff.0`` -> ``top.0``, ``grad.x`` -> ``x``,
+    ``surrogate.M.grad.x`` -> ``x``, mode ``M``)."""
+    prefix, _, rest = name.partition(".")
+    role = "label" if name in labels else _ROLES[prefix]
+    of = surrogate = None
+    if role == "upstream":
+        of = prefix[: -len("_diff")] + "." + rest
+    elif role == "gradient":
+        of = rest
+    elif role == "surrogate":
+        surrogate, _, grad = rest.partition(".")
+        of = grad.partition(".")[2]
+    return TensorSpec(name, role, list(a.shape), str(a.dtype), of, surrogate)
+
+
+def _record(case_id, kind, prototxt, seed, arrays, labels=(), **meta):
+    """The CaseRecord of ``arrays`` (roles from the names, ``labels`` the
+    label tensors), at tolerance TOL."""
+    return CaseRecord(
+        id=case_id,
+        kind=kind,
+        layer_type=case_id.split("/")[0],
+        prototxt=prototxt,
+        seed=seed,
+        tensors=[_spec(n, a, labels) for n, a in arrays.items()],
+        tolerance=TOL,
+        **meta,
+    )
 
 
 def _softmax_loss(x, label):
@@ -67,32 +103,12 @@ def inner_product_case(rng):
         "grad.param.1": up.sum(0),
         "surrogate.HALF.grad.bottom.0": 0.5 * (up @ w),
     }
-    roles = {
-        "bottom.0": "input",
-        "param.0": "param",
-        "param.1": "param",
-        "top.0": "output",
-        "top_diff.0": "upstream",
-        "grad.bottom.0": "gradient",
-        "grad.param.0": "gradient",
-        "grad.param.1": "gradient",
-        "surrogate.HALF.grad.bottom.0": "surrogate",
-    }
-    of = {
-        "top_diff.0": "top.0",
-        "grad.bottom.0": "bottom.0",
-        "grad.param.0": "param.0",
-        "grad.param.1": "param.1",
-        "surrogate.HALF.grad.bottom.0": "bottom.0",
-    }
-    record = CaseRecord(
-        id="InnerProduct/basic",
-        kind="layer",
-        layer_type="InnerProduct",
-        prototxt=IP_PROTO,
-        seed=1,
-        tensors=_specs(arrays, roles, of, {"surrogate.HALF.grad.bottom.0": "HALF"}),
-        tolerance=TOL,
+    record = _record(
+        "InnerProduct/basic",
+        "layer",
+        IP_PROTO,
+        1,
+        arrays,
         docs="docs/layers/inner_product.md#forward",
         edges=["spatial"],
         description="y = x W^T + b",
@@ -112,23 +128,13 @@ def softmax_loss_case(rng):
         "top_diff.0": up,
         "grad.bottom.0": up * g,
     }
-    roles = {
-        "bottom.0": "input",
-        "bottom.1": "label",
-        "top.0": "output",
-        "top_diff.0": "upstream",
-        "grad.bottom.0": "gradient",
-    }
-    record = CaseRecord(
-        id="SoftmaxWithLoss/basic",
-        kind="layer",
-        layer_type="SoftmaxWithLoss",
-        prototxt=LOSS_PROTO,
-        seed=2,
-        tensors=_specs(
-            arrays, roles, {"top_diff.0": "top.0", "grad.bottom.0": "bottom.0"}
-        ),
-        tolerance=TOL,
+    record = _record(
+        "SoftmaxWithLoss/basic",
+        "layer",
+        LOSS_PROTO,
+        2,
+        arrays,
+        labels=("bottom.1",),
         docs="docs/layers/softmax_loss.md#forward",
         description="mean cross-entropy",
     )
@@ -155,28 +161,13 @@ def net_case(rng):
         "grad.param.ip.0": dfc.T @ x,
         "grad.param.ip.1": dfc.sum(0),
     }
-    roles = {
-        "input.x": "input",
-        "input.label": "label",
-        "param.ip.0": "param",
-        "param.ip.1": "param",
-        "output.fc": "output",
-        "output.loss": "output",
-        "output_diff.fc": "upstream",
-        "output_diff.loss": "upstream",
-    }
-    of = {"output_diff.fc": "output.fc", "output_diff.loss": "output.loss"}
-    for n in arrays:
-        if n.startswith("grad."):
-            roles[n], of[n] = "gradient", n[5:]
-    record = CaseRecord(
-        id="Head/ip_softmax",
-        kind="net",
-        layer_type="Head",
-        prototxt=NET_PROTO,
-        seed=3,
-        tensors=_specs(arrays, roles, of),
-        tolerance=TOL,
+    record = _record(
+        "Head/ip_softmax",
+        "net",
+        NET_PROTO,
+        3,
+        arrays,
+        labels=("input.label",),
         docs="docs/layers/margin_family.md#heads",
         description="fc + softmax loss",
     )

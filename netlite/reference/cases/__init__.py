@@ -30,6 +30,7 @@ from netlite.reference.cases.spec import (  # noqa: F401  (re-exported)
     tolerance,
     unif,
 )
+from netlite.reference.corpus import select_layers
 
 
 def _collect():
@@ -54,10 +55,11 @@ def cases(layers=None):
         return every
     wanted = [layers] if isinstance(layers, str) else list(layers)
     known = sorted({c.layer_type for c in every})
-    unknown = [t for t in wanted if t not in known]
-    if unknown:
-        raise ValueError(
+
+    def error(unknown):
+        return ValueError(
             f"no reference cases for layer type(s) {unknown}; types with cases: "
             f"{', '.join(known)}"
         )
-    return [c for c in every if c.layer_type in set(wanted)]
+
+    return select_layers(every, wanted, known, error)

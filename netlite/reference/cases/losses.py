@@ -9,7 +9,7 @@ import numpy as np
 
 from netlite.reference.cases.spec import (
     LOG_FLT_MIN,
-    Case,
+    CaseList,
     away,
     custom,
     gauss,
@@ -18,20 +18,8 @@ from netlite.reference.cases.spec import (
     tolerance,
 )
 
-CASES = []
-
-
-def add(layer_type, name, prototxt, inputs, docs, **kw):
-    CASES.append(
-        Case(
-            layer_type,
-            name,
-            f'type: "{layer_type}" {prototxt}',
-            inputs,
-            docs=docs,
-            **kw,
-        )
-    )
+CASES = CaseList()
+add = CASES.add
 
 
 def _label_shape(shape, axis):
@@ -196,70 +184,80 @@ swl(
     description="top.1 is the probability: no gradient flows from it (upstream 0)",
 )
 
-# Extensions (softmax_loss.md §8).
+# Extensions (softmax_loss.md §8): name, shape, loss_param, the ignore label
+# (or "soft": probability targets), edges, description.
 _W = "class_weight: [0.5, 2.0, 1.0, 3.0, 0.25]"
-ext = {"docs": _SWL_EXT, "equation": _SWL_EXT_EQ}
-swl(
-    "class_weight",
-    (6, 5),
-    f"normalization: VALID ignore_label: 2 {_W}",
-    ignore=2,
-    edges=("ignored labels", "class weights"),
-    **ext,
-)
-swl(
-    "class_weight_weighted",
-    (8, 5),
-    f"ignore_label: -1 {_W} weight_normalization: WEIGHTED",
-    ignore=-1,
-    edges=("ignored labels", "class weights"),
-    description="WEIGHTED: divided by the sum of the valid positions' weights",
-    **ext,
-)
-swl(
-    "label_smoothing",
-    (6, 5),
-    "ignore_label: 255 label_smoothing: 0.1",
-    ignore=255,
-    edges=("ignored labels", "label smoothing"),
-    **ext,
-)
-swl(
-    "smoothing_weighted",
-    (6, 5),
-    f"ignore_label: -100 {_W} weight_normalization: WEIGHTED label_smoothing: 0.2",
-    ignore=-100,
-    edges=("ignored labels", "class weights", "label smoothing"),
-    description="PyTorch's cross_entropy(weight, label_smoothing) differs here "
-    "(softmax_loss.md §8.3)",
-    **ext,
-)
-swl(
-    "temperature",
-    (4, 5, 3),
-    "ignore_label: 7 temperature: 2.5",
-    ignore=7,
-    edges=("ignored labels", "temperature", "spatial"),
-    **ext,
-)
-swl(
-    "soft_targets_temperature",
-    (6, 5),
-    "temperature: 3.0 class_weight: [1.0, 2.0, 0.5, 1.5, 1.0]",
-    soft=True,
-    edges=("probability targets", "temperature", "class weights"),
-    description="probability targets (bottom.1, not differentiated), T = 3",
-    **ext,
-)
-swl(
-    "per_position",
-    (4, 5, 3),
-    f"ignore_label: -1 {_W} label_smoothing: 0.1 per_position: true",
-    ignore=-1,
-    edges=("per position", "ignored labels", "label smoothing", "spatial"),
-    description="top.0 holds one loss per position (4, 3)",
-    **ext,
-)
+_IGN, _CW, _LS = "ignored labels", "class weights", "label smoothing"
+for name, shape, loss, target, edges, description in [
+    (
+        "class_weight",
+        (6, 5),
+        f"normalization: VALID ignore_label: 2 {_W}",
+        2,
+        (_IGN, _CW),
+        "",
+    ),
+    (
+        "class_weight_weighted",
+        (8, 5),
+        f"ignore_label: -1 {_W} weight_normalization: WEIGHTED",
+        -1,
+        (_IGN, _CW),
+        "WEIGHTED: divided by the sum of the valid positions' weights",
+    ),
+    (
+        "label_smoothing",
+        (6, 5),
+        "ignore_label: 255 label_smoothing: 0.1",
+        255,
+        (_IGN, _LS),
+        "",
+    ),
+    (
+        "smoothing_weighted",
+        (6, 5),
+        f"ignore_label: -100 {_W} weight_normalization: WEIGHTED label_smoothing: 0.2",
+        -100,
+        (_IGN, _CW, _LS),
+        "PyTorch's cross_entropy(weight, label_smoothing) differs here "
+        "(softmax_loss.md §8.3)",
+    ),
+    (
+        "temperature",
+        (4, 5, 3),
+        "ignore_label: 7 temperature: 2.5",
+        7,
+        (_IGN, "temperature", "spatial"),
+        "",
+    ),
+    (
+        "soft_targets_temperature",
+        (6, 5),
+        "temperature: 3.0 class_weight: [1.0, 2.0, 0.5, 1.5, 1.0]",
+        "soft",
+        ("probability targets", "temperature", _CW),
+        "probability targets (bottom.1, not differentiated), T = 3",
+    ),
+    (
+        "per_position",
+        (4, 5, 3),
+        f"ignore_label: -1 {_W} label_smoothing: 0.1 per_position: true",
+        -1,
+        ("per position", _IGN, _LS, "spatial"),
+        "top.0 holds one loss per position (4, 3)",
+    ),
+]:
+    swl(
+        name,
+        shape,
+        loss,
+        ignore=None if target == "soft" else target,
+        soft=target == "soft",
+        edges=edges,
+        description=description,
+        docs=_SWL_EXT,
+        equation=_SWL_EXT_EQ,
+    )
 
 # ------------------------------------------------------------------- FocalLoss
 _FOCAL = "docs/layers/focal_loss.md#3-backward"
@@ -357,32 +355,25 @@ focal(
 # --------------------------------------------------------------- EuclideanLoss
 _EUC = "docs/layers/euclidean_loss.md#3-backward"
 _EUC_EQ = "L = ||a - b||^2 / (2N); da = (a - b) / N, db = -da"
-add(
+CASES.family(
     "EuclideanLoss",
-    "rows",
-    "",
-    [gauss((4, 3)), gauss((4, 3))],
     _EUC,
+    [
+        (
+            "rows",
+            "",
+            [gauss((4, 3)), gauss((4, 3))],
+            "both bottoms differentiable (the target may be learned)",
+        ),
+        (
+            "shapes_differ",
+            "",
+            [gauss((4, 3, 1, 1)), gauss((4, 3))],
+            "same count, different shapes",
+        ),
+        ("spatial", "", [gauss((2, 3, 2)), gauss((2, 6))], "", {"edges": ("spatial",)}),
+    ],
     equation=_EUC_EQ,
-    description="both bottoms differentiable (the target may be learned)",
-)
-add(
-    "EuclideanLoss",
-    "shapes_differ",
-    "",
-    [gauss((4, 3, 1, 1)), gauss((4, 3))],
-    _EUC,
-    equation=_EUC_EQ,
-    description="same count, different shapes",
-)
-add(
-    "EuclideanLoss",
-    "spatial",
-    "",
-    [gauss((2, 3, 2)), gauss((2, 6))],
-    _EUC,
-    equation=_EUC_EQ,
-    edges=("spatial",),
 )
 
 # ------------------------------------------------------------------- HingeLoss

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from netlite.reference.cases.spec import (
-    Case,
+    CaseList,
     away,
     custom,
     fixed,
@@ -21,20 +21,8 @@ from netlite.reference.cases.spec import (
     unif,
 )
 
-CASES = []
-
-
-def add(layer_type, name, prototxt, inputs, docs, **kw):
-    CASES.append(
-        Case(
-            layer_type,
-            name,
-            f'type: "{layer_type}" {prototxt}',
-            inputs,
-            docs=docs,
-            **kw,
-        )
-    )
+CASES = CaseList()
+add = CASES.add
 
 
 def _zero_row(shape, row=1):
@@ -238,75 +226,82 @@ _THETA = dict(
     label_values=LABELS_0_PI,
     edges=("|cos|=1", "theta=0", "theta=pi"),
 )
-for lt in ("LargeMarginInnerProduct", "MarginInnerProduct"):
-    sur = lt == "MarginInnerProduct"
-    margin_ip(
-        lt,
+# name, m, whether MarginInnerProduct's case has the SPHEREFACE surrogate, fields
+_MARGIN_IP_CASES = [
+    (
         "single",
         1,
-        sched="",
-        surrogate=sur,
-        description="m = 1: a plain "
-        "inner product (normalised weights for MarginInnerProduct)",
-    )
-    margin_ip(lt, "double", 2, surrogate=sur)
-    margin_ip(
-        lt,
+        True,
+        {
+            "sched": "",
+            "description": "m = 1: a plain inner product (normalised weights for "
+            "MarginInnerProduct)",
+        },
+    ),
+    ("double", 2, True, {}),
+    (
         "triple_lambda_1",
         3,
-        sched="",
-        surrogate=sur,
-        description="lambda = 1 (the proto defaults)",
-    )
-    margin_ip(lt, "quadruple", 4, surrogate=sur)
-    margin_ip(
-        lt,
+        True,
+        {"sched": "", "description": "lambda = 1 (the proto defaults)"},
+    ),
+    ("quadruple", 4, True, {}),
+    (
         "quadruple_schedule",
         4,
-        sched="base: 1000 gamma: 0.12 power: 1 lambda_min: 5 iteration: 900",
-        surrogate=sur,
-        description="SphereFace-20's schedule at iteration 900",
-    )
-    margin_ip(
-        lt,
+        True,
+        {
+            "sched": "base: 1000 gamma: 0.12 power: 1 lambda_min: 5 iteration: 900",
+            "description": "SphereFace-20's schedule at iteration 900",
+        },
+    ),
+    (
         "triple_spatial",
         3,
-        shape=(4, 2, 1, 3),
-        edges=("spatial",),
-        description="features flattened from axis 1 (K = 6)",
-    )
-    margin_ip(
-        lt,
+        False,
+        {
+            "shape": (4, 2, 1, 3),
+            "edges": ("spatial",),
+            "description": "features flattened from axis 1 (K = 6)",
+        },
+    ),
+    (
         "ignore",
         4,
-        sched="base: 0.5",
-        ignore=-1,
-        surrogate=sur,
-        edges=("ignored labels",),
-    )
-    margin_ip(
-        lt,
+        True,
+        {"sched": "base: 0.5", "ignore": -1, "edges": ("ignored labels",)},
+    ),
+    (
         "all_ignored",
         4,
-        ignore=7,
-        label_values=[7] * 6,
-        edges=("all ignored",),
-        description="no row gets a margin: z = x W^T",
-    )
-    margin_ip(lt, "quadruple_theta_0_pi", 4, surrogate=sur, **_THETA)
-    margin_ip(lt, "double_theta_0_pi", 2, **_THETA)
-    margin_ip(
-        lt,
+        False,
+        {
+            "ignore": 7,
+            "label_values": [7] * 6,
+            "edges": ("all ignored",),
+            "description": "no row gets a margin: z = x W^T",
+        },
+    ),
+    ("quadruple_theta_0_pi", 4, True, _THETA),
+    ("double_theta_0_pi", 2, False, _THETA),
+    (
         "zero_feature",
         4,
-        x=_zero_row((6, 3)),
-        edges=("zero norm",),
-        fd_skip=_zero_x_row,
-        surrogate=sur,
-        fd_skip_reason="the target logit |x| phi(c) is not differentiable at "
-        "x = 0; the stored value is the documented convention (margin pages "
-        "section 4/5), pinned by the layer's zero_feature test case",
-    )
+        True,
+        {
+            "x": _zero_row((6, 3)),
+            "edges": ("zero norm",),
+            "fd_skip": _zero_x_row,
+            "fd_skip_reason": "the target logit |x| phi(c) is not differentiable at "
+            "x = 0; the stored value is the documented convention (margin pages "
+            "section 4/5), pinned by the layer's zero_feature test case",
+        },
+    ),
+]
+for lt in ("LargeMarginInnerProduct", "MarginInnerProduct"):
+    sur = lt == "MarginInnerProduct"
+    for name, m, with_surrogate, fields in _MARGIN_IP_CASES:
+        margin_ip(lt, name, m, surrogate=sur and with_surrogate, **fields)
     margin_ip(
         lt,
         "zero_weight_row",

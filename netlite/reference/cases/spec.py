@@ -195,6 +195,37 @@ class Case:
         return f"{self.layer_type}/{self.name}"
 
 
+class CaseList(list):
+    """The cases a case module declares (its ``CASES``), with the two ways
+    it declares them."""
+
+    def add(self, layer_type, name, prototxt, inputs, docs, **kw):
+        """One layer case: ``prototxt`` is the LayerParameter text after
+        ``type: "<layer_type>"``; ``kw``: the other :class:`Case` fields."""
+        self.append(
+            Case(
+                layer_type,
+                name,
+                f'type: "{layer_type}" {prototxt}',
+                inputs,
+                docs=docs,
+                **kw,
+            )
+        )
+
+    def family(self, layer_type, docs, rows, **common):
+        """Several cases of one layer type that share ``docs`` and the
+        :class:`Case` fields ``common``: one per row ``(name, prototxt,
+        inputs[, description[, fields]])``, ``fields`` a dict of further
+        (or overriding) Case fields."""
+        for name, prototxt, inputs, *more in rows:
+            kw = dict(common)
+            if more:
+                kw["description"] = more[0]
+            kw.update(*more[1:])
+            self.add(layer_type, name, prototxt, inputs, docs, **kw)
+
+
 # Shared numbers for the case modules.
 FLT_MIN = float(np.finfo(np.float32).tiny)
 LOG_FLT_MIN = -math.log(FLT_MIN)  # 87.3365...
