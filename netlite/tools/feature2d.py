@@ -419,6 +419,7 @@ def results_table(records):
     order = {v: i for i, v in enumerate(nets.VARIANTS)}
     for (dataset, backbone, variant), recs in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):
+        recs = sorted(recs, key=lambda r: r["settings"]["seed"])
         learned = [r["epochs"][-1].get("scale", r["epochs"][-1].get("radius"))
                    for r in recs]
         v = nets.VARIANTS[variant]
