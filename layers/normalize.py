@@ -127,3 +127,9 @@ class NormalizeLayer(Layer):
             dx += t * top[1].diff.reshape(self.outer, 1, self.inner)
         self._view(bottom[0].diff)[...] = dx
 
+
+    def forward_numba(self, bottom, top):
+        self.adapter("numba").forward(bottom, top)
+
+    def backward_numba(self, top, propagate_down, bottom):
+        self.adapter("numba").backward(top, propagate_down, bottom)

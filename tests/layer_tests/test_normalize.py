@@ -202,8 +202,10 @@ def test_bad_eps(eps):
         normalize_layer(eps=eps).setup([Blob((2, 3))], [Blob()])
 
 
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_input(dtype, bad):
+def test_non_finite_input(dtype, bad, engine):
+    netlite.set_cpu_engine(engine)
     x = gaussian((2, 3, 2))
     x[1, 2, 0] = bad
     bottom = make_blob(x.shape, dtype, x)
