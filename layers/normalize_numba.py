@@ -49,6 +49,8 @@ from netlite.layers.softmax_numba import (
     row_dot,
     scratch,
     scratch_shape,
+    strided_dot,
+    tile_span,
 )
 
 
@@ -145,9 +147,7 @@ def _normalize_fwd_strided(x, y, norm, outer, c, inner, eps, l2, acc):
     for t in prange(nchunks):
         sk = acc[t]
         for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
-            i = tile // tiles_per_outer
-            k0 = (tile % tiles_per_outer) * width
-            nk = min(width, inner - k0)
+            i, k0, nk = tile_span(tile, tiles_per_outer, width, inner)
             base0 = i * c * inner + k0
             nbase = i * inner + k0
             for k in range(nk):
@@ -189,17 +189,10 @@ def _normalize_bwd_strided(y, g, norm, h, dx, outer, c, inner, l2, fix, bp, acc)
     for t in prange(nchunks):
         dk = acc[t]
         for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
-            i = tile // tiles_per_outer
-            k0 = (tile % tiles_per_outer) * width
-            nk = min(width, inner - k0)
+            i, k0, nk = tile_span(tile, tiles_per_outer, width, inner)
             base0 = i * c * inner + k0
             nbase = i * inner + k0
-            for k in range(nk):
-                dk[k] = 0.0
-            for ch in range(c):
-                base = base0 + ch * inner
-                for k in range(nk):
-                    dk[k] += y[base + k] * g[base + k]
+            strided_dot(y, g, base0, c, inner, nk, dk)
             for ch in range(c):
                 base = base0 + ch * inner
                 for k in range(nk):

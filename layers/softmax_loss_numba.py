@@ -46,6 +46,7 @@ from netlite.layers.softmax_numba import (
     row_max,
     row_max_sumexp,
     softmax_bwd,
+    tile_span,
     tile_width,
 )
 
@@ -178,9 +179,7 @@ def _loss_fwd_strided(x, label, outer, n, inner, has_ignore, ignore_label,
     ntiles = outer * tiles_per_outer
     for t in prange(nchunks):
         for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
-            i = tile // tiles_per_outer
-            k0 = (tile % tiles_per_outer) * width
-            nk = min(width, inner - k0)
+            i, k0, nk = tile_span(tile, tiles_per_outer, width, inner)
             p0 = i * inner + k0
             mk = pos_max[p0:p0 + nk]
             sk = pos_sum[p0:p0 + nk]
@@ -224,9 +223,7 @@ def _loss_bwd_strided(x, outer, n, inner, pos_max, pos_sum, pos_label, scale,
     for t in prange(nchunks):
         ak = buf[t]
         for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
-            i = tile // tiles_per_outer
-            k0 = (tile % tiles_per_outer) * width
-            nk = min(width, inner - k0)
+            i, k0, nk = tile_span(tile, tiles_per_outer, width, inner)
             p0 = i * inner + k0
             mk = pos_max[p0:p0 + nk]
             sk = pos_sum[p0:p0 + nk]

@@ -329,6 +329,28 @@ def _softmax_bwd_rows(y, dy, dx, outer, n, accumulate, buf):
                     dxr[c] = (dyr[c] - dot) * yr[c]
 
 
+@njit(inline="always")
+def tile_span(tile, tiles_per_outer, width, inner):
+    """A strided kernel's tile: its outer index ``i``, first position
+    ``k0`` and number of positions ``nk`` (the last tile of a row may be
+    narrower than ``width``)."""
+    k0 = (tile % tiles_per_outer) * width
+    return tile // tiles_per_outer, k0, min(width, inner - k0)
+
+
+@njit(inline="always")
+def strided_dot(u, v, base0, n, inner, nk, out):
+    """``out[k] = sum_c u[j] * v[j]``, ``j = base0 + c * inner + k``, for
+    ``k < nk``: the per-position dot product over ``n`` channels of a tile,
+    accumulated in ``out``'s dtype."""
+    for k in range(nk):
+        out[k] = 0.0
+    for c in range(n):
+        base = base0 + c * inner
+        for k in range(nk):
+            out[k] += u[base + k] * v[base + k]
+
+
 # ---------------------------------------------------------- strided kernels
 def _softmax_fwd_strided(x, y, outer, n, inner, buf, acc):
     nchunks, width = buf.shape
@@ -338,9 +360,7 @@ def _softmax_fwd_strided(x, y, outer, n, inner, buf, acc):
         mk = buf[t]
         sk = acc[t]
         for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
-            i = tile // tiles_per_outer
-            k0 = (tile % tiles_per_outer) * width
-            nk = min(width, inner - k0)
+            i, k0, nk = tile_span(tile, tiles_per_outer, width, inner)
             base0 = i * n * inner + k0
             for k in range(nk):
                 mk[k] = -np.inf
@@ -370,16 +390,9 @@ def _softmax_bwd_strided(y, dy, dx, outer, n, inner, accumulate, acc):
     for t in prange(nchunks):
         dk = acc[t]
         for tile in range(t * ntiles // nchunks, (t + 1) * ntiles // nchunks):
-            i = tile // tiles_per_outer
-            k0 = (tile % tiles_per_outer) * width
-            nk = min(width, inner - k0)
+            i, k0, nk = tile_span(tile, tiles_per_outer, width, inner)
             base0 = i * n * inner + k0
-            for k in range(nk):
-                dk[k] = 0.0
-            for c in range(n):
-                base = base0 + c * inner
-                for k in range(nk):
-                    dk[k] += dy[base + k] * y[base + k]
+            strided_dot(dy, y, base0, n, inner, nk, dk)
             for c in range(n):
                 base = base0 + c * inner
                 for k in range(nk):
