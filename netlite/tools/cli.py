@@ -31,13 +31,13 @@ glog-like format.  See docs/cli.md.
 
 import argparse
 import difflib
+import importlib
 import logging
 import re
 import signal
 import sys
 
 from netlite import backend
-from netlite.data import convert_mnist
 from netlite.errors import NetliteError
 from netlite.tools import commands, devices, logs
 
@@ -182,6 +182,37 @@ _GPU_HELP = ("run on CUDA device ID (default 0) with CuPy; 'all' or '0,1' "
              "name several, of which the first is used")
 
 
+#: Commands with a parser of their own, to which every argument after the
+#: command name goes: name -> (help summary, "module:function", the global
+#: options given before the command that are passed on to it).
+DELEGATED = {
+    "convert-mnist": ("write MNIST IDX files as Caffe's LMDB databases",
+                      "netlite.data.convert_mnist:main", ("data",)),
+    "reference": ("write the reference-gradient corpus",
+                  "netlite.reference.cli:main_reference", ()),
+    "validate": ("hold a PyTorch, JAX or netlite implementation to a "
+                 "reference corpus", "netlite.reference.cli:main_validate",
+                 ("engine",)),
+    "feature2d": ("train and draw the 2-D feature experiments",
+                  "netlite.tools.feature2d:main", ("engine", "data")),
+}
+
+
+def _run_delegated(args, tail):
+    """Run a delegated command on ``tail``, with the global options it takes
+    that were given before it (unless ``tail`` sets them itself).  Its
+    module is imported here, so that ``netlite train`` does not load it."""
+    _, target, passed = DELEGATED[args.command]
+    for name in passed:
+        value = getattr(args, name)
+        if value is not None and not any(
+            a == f"--{name}" or a.startswith(f"--{name}=") for a in tail
+        ):
+            tail = [f"--{name}", value, *tail]
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)(tail) or 0
+
+
 def build_parser():
     """The argument parser of the ``netlite`` command.
 
@@ -267,25 +298,9 @@ def build_parser():
              "(the default)",
     )
 
-    sub.add_parser(
-        "convert-mnist", add_help=False,
-        help="write MNIST IDX files as Caffe's LMDB databases "
-             "(netlite convert-mnist --help)",
-    )
-    sub.add_parser(
-        "reference", add_help=False,
-        help="write the reference-gradient corpus (netlite reference --help)",
-    )
-    sub.add_parser(
-        "validate", add_help=False,
-        help="hold a PyTorch, JAX or netlite implementation to a reference "
-             "corpus (netlite validate --help)",
-    )
-    sub.add_parser(
-        "feature2d", add_help=False,
-        help="train and draw the 2-D feature experiments "
-             "(netlite feature2d --help)",
-    )
+    for name, (summary, _, _) in DELEGATED.items():
+        sub.add_parser(name, add_help=False,
+                       help=f"{summary} (netlite {name} --help)")
     parser.commands = sub.choices
     return parser
 
@@ -439,38 +454,8 @@ def main(argv=None):
     parser = build_parser()
     argv, tail = normalize_argv(parser, argv)
     args = parser.parse_args(argv)
-    if args.command == "convert-mnist":
-        # Everything after the command belongs to convert_mnist's own parser;
-        # a global --data given before it is passed on.
-        if args.data is not None and not any(
-            a == "--data" or a.startswith("--data=") for a in tail
-        ):
-            tail = ["--data", args.data, *tail]
-        return convert_mnist.main(tail) or 0
-    if args.command in ("reference", "validate"):
-        # Delegated like convert-mnist (netlite/reference/cli.py); a global
-        # --engine given before `validate` is passed on.
-        from netlite.reference import cli as reference_cli
-
-        if args.command == "reference":
-            return reference_cli.main_reference(tail)
-        if args.engine is not None and not any(
-            a == "--engine" or a.startswith("--engine=") for a in tail
-        ):
-            tail = ["--engine", args.engine, *tail]
-        return reference_cli.main_validate(tail)
-    if args.command == "feature2d":
-        # Delegated like convert-mnist (netlite/tools/feature2d.py); global
-        # --engine and --data given before it are passed on.
-        from netlite.tools import feature2d
-
-        for name in ("engine", "data"):
-            value = getattr(args, name)
-            if value is not None and not any(
-                a == f"--{name}" or a.startswith(f"--{name}=") for a in tail
-            ):
-                tail = [f"--{name}", value, *tail]
-        return feature2d.main(tail)
+    if args.command in DELEGATED:
+        return _run_delegated(args, tail)
     command = "device_query" if args.command == "device-query" else args.command
     logs.configure_logging(args.log_level)
     try:

@@ -17,6 +17,7 @@ from cli_testing import glog_messages
 
 import netlite
 from netlite import backend
+from netlite.data import convert_mnist
 from netlite.tools import cli, devices
 
 TINY_NET = """
@@ -364,7 +365,7 @@ def test_unknown_command_names_the_nearest(capsys):
 def test_global_options_before_convert_mnist(monkeypatch, tmp_path):
     # convert-mnist has its own parser; a global --data is passed on to it.
     seen = []
-    monkeypatch.setattr(cli.convert_mnist, "main",
+    monkeypatch.setattr(convert_mnist, "main",
                         lambda argv: seen.append(argv) or 0)
     assert cli.main(["-q", "--data", "d", "convert-mnist", "--source",
                      "mnist:test", "out"]) == 0
