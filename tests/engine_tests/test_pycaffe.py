@@ -178,7 +178,25 @@ class TestNet:
                                - other.params[name][i].data).sum() == 0
 
 
-class TestLevels:
+class _NetFile:
+    """pycaffe's tests read ``TEST_NET`` from a file: write it to a fresh
+    temporary file ``self.f`` for every test."""
+
+    TEST_NET = ""
+
+    @pytest.fixture(autouse=True)
+    def _file(self, tmp_path):
+        self.f = tmp_path / "net.prototxt"
+        self.f.write_text(self.TEST_NET)
+
+
+class _BlobsCheck(_NetFile):
+    def check_net(self, net, blobs):
+        net_blobs = [b for b in net.blobs.keys() if "data" not in b]
+        assert net_blobs == blobs
+
+
+class TestLevels(_BlobsCheck):
 
     TEST_NET = """
 layer {
@@ -228,15 +246,6 @@ layer {
 }
 """
 
-    @pytest.fixture(autouse=True)
-    def _file(self, tmp_path):
-        self.f = tmp_path / "levels.prototxt"
-        self.f.write_text(self.TEST_NET)
-
-    def check_net(self, net, blobs):
-        net_blobs = [b for b in net.blobs.keys() if "data" not in b]
-        assert net_blobs == blobs
-
     def test_0(self):
         net = netlite.Net(str(self.f), netlite.TEST)
         self.check_net(net, ["NoLevel", "Level0Only", "Level>=0"])
@@ -249,7 +258,7 @@ layer {
         self.check_net(net, ["NoLevel", "Level1Only", "Level>=0", "Level>=1"])
 
 
-class TestStages:
+class TestStages(_BlobsCheck):
 
     TEST_NET = """
 layer {
@@ -293,15 +302,6 @@ layer {
 }
 """
 
-    @pytest.fixture(autouse=True)
-    def _file(self, tmp_path):
-        self.f = tmp_path / "stages.prototxt"
-        self.f.write_text(self.TEST_NET)
-
-    def check_net(self, net, blobs):
-        net_blobs = [b for b in net.blobs.keys() if "data" not in b]
-        assert net_blobs == blobs
-
     def test_A(self):
         net = netlite.Net(str(self.f), netlite.TEST, stages=["A"])
         self.check_net(net, ["A", "AorB"])
@@ -318,7 +318,7 @@ layer {
         self.check_net(net, ["A", "B", "AorB", "AandB"])
 
 
-class TestAllInOne:
+class TestAllInOne(_NetFile):
 
     TEST_NET = """
 layer {
@@ -374,11 +374,6 @@ layer {
   include: { phase: TEST stage: "deploy" }
 }
 """
-
-    @pytest.fixture(autouse=True)
-    def _file(self, tmp_path):
-        self.f = tmp_path / "all_in_one.prototxt"
-        self.f.write_text(self.TEST_NET)
 
     def check_net(self, net, outputs):
         assert list(net.blobs["data"].shape) == [1, 1, 10, 10]
