@@ -111,29 +111,55 @@ class LabelSpecificAddLayer(LabelledLayer):
         """Whether the bias is added in this phase (TEST: ``transform_test``)."""
         return self.phase != TEST or self.transform_test
 
+    def target_margin(self, c, cols):
+        """The target logits and their slopes for the rows that get a margin.
+
+        Parameters
+        ----------
+        c : array of float64, shape (R,)
+            The target cosines ``x[i, y_i]`` of the margin rows.
+        cols : array of int64, shape (R,)
+            Their classes ``y_i``.
+
+        Returns
+        -------
+        value, factor : arrays of float64, shape (R,)
+            ``c + b_{y_i}`` (``c`` where the bias does not apply: TEST
+            without ``transform_test``, or a target at or below ``-b`` with
+            ``only_above_margin``) and the backward's factor, 1 (the bias
+            does not depend on ``c``).  The forward and the fused margin
+            heads (margin_head.py) both use it.
+        """
+        xp = self.xp
+        factor = xp.ones(c.shape)
+        if not self.applies():
+            return c, factor
+        biases = self.top_values(cols)
+        b = biases[cols] if self.class_bias else biases[xp.zeros_like(cols)]
+        value = c + b
+        if self.only_above_margin:
+            value = xp.where(c > -b, value, c)
+        return value, factor
+
+    def top_values(self, cols):
+        """What ``top[1]`` holds (float64): the bias per class, or the one
+        bias at this iteration."""
+        xp = self.xp
+        if self.class_bias:
+            return xp.asarray(self.class_bias, dtype=xp.float64)
+        return xp.full((1,), self.current_bias(), dtype=xp.float64)
+
     # --------------------------------------------------------- reference
     def forward_cpu(self, bottom, top):
-        xp = self.xp
         check_finite(self, bottom[0])
         rows, cols = margin_rows(self, bottom[1], self.channels, self.ignore_label)
-        if self.class_bias:
-            biases = xp.asarray(self.class_bias, dtype=xp.float64)
-        else:
-            b = self.current_bias()
-            biases = xp.full((1,), b, dtype=xp.float64)
         if len(top) > 1:
-            top[1].data[...] = biases.astype(self.dtype)
+            top[1].data[...] = self.top_values(cols).astype(self.dtype)
         if top[0] is not bottom[0]:
             top[0].data[...] = bottom[0].data
-        if not self.applies():
-            return
         z = top[0].data.reshape(self.num, self.channels)
-        b = biases[cols] if self.class_bias else biases[xp.zeros_like(cols)]
-        target = z[rows, cols]
-        if self.only_above_margin:
-            keep = target.astype(xp.float64) > -b
-            rows, cols, b, target = rows[keep], cols[keep], b[keep], target[keep]
-        z[rows, cols] = (target.astype(xp.float64) + b).astype(self.dtype)
+        value, _ = self.target_margin(z[rows, cols].astype(self.xp.float64), cols)
+        z[rows, cols] = value.astype(self.dtype)
 
     def backward_cpu(self, top, propagate_down, bottom):
         self.check_no_label_backward(propagate_down)

@@ -249,28 +249,33 @@ class LabelSpecificMarginLayer(LabelledLayer):
                 f"{P.Boundary.Name(self.boundary)} it stays monotonic for "
                 f"m1 * {math.degrees(end):g} deg + m2 <= 180 deg"))
 
-    # --------------------------------------------------------- reference
-    def forward_cpu(self, bottom, top):
+    def target_margin(self, c, cols):
+        """The target logits and their slopes for the rows that get a margin.
+
+        Parameters
+        ----------
+        c : array of float64, shape (R,)
+            The target cosines ``x[i, y_i]`` of the margin rows.
+        cols : array of int64, shape (R,)
+            Their classes ``y_i``.
+
+        Returns
+        -------
+        value, factor : arrays of float64, shape (R,)
+            ``z_{i y_i}`` (``psi(c)``, the fallback past the branch, ``c``
+            with no margin or when the margin does not apply) and the factor
+            the backward multiplies ``dz`` by (the slope of ``grad_mode``,
+            1 where ``z = c`` or on the fallback).  The forward and the
+            fused margin heads (margin_head.py) both use it.
+        """
         xp = self.xp
-        check_finite(self, bottom[0])
-        rows, cols = margin_rows(self, bottom[1], self.channels, self.ignore_label)
-        m1, m2, values = self.margins(cols)
-        if len(top) > 1:
-            top[1].data[...] = values.astype(self.dtype)
-        x = bottom[0].data.reshape(self.num, self.channels)
-        c = x[rows, cols].astype(xp.float64)
-        if top[0] is not bottom[0]:
-            top[0].data[...] = bottom[0].data
-        self._rows, self._cols = rows, cols
-        self._factor = xp.ones(c.shape)
         if not self.applies():
-            return
+            return c, xp.ones(c.shape)
+        m1, m2, _ = self.margins(cols)
         self.warn_if_not_monotonic(m1, m2)
         none = (m1 == 1) & (m2 == 0) & (self.m3 == 0)  # no margin: z = c
         value, fallback = psi(xp, c, m1, m2, self.m3, self.boundary)
         value = xp.where(none, c, value)
-        z = top[0].data.reshape(self.num, self.channels)
-        z[rows, cols] = value.astype(self.dtype)
         keep = ~(fallback | none)  # rows whose factor is psi'(c)
         if self.grad_mode == P.EXACT:
             slope = psi_prime(xp, c, m1, m2, EPS[self.dtype.name])
@@ -278,7 +283,27 @@ class LabelSpecificMarginLayer(LabelledLayer):
             slope = xp.clip(psi_prime(xp, c, m1, m2, CLAMPED_EPS), 0.0, 2.0)
         else:  # STRAIGHT_THROUGH
             slope = xp.ones(c.shape)
-        self._factor = xp.where(keep, slope, 1.0)
+        return value, xp.where(keep, slope, 1.0)
+
+    def top_values(self, cols):
+        """What ``top[1]`` holds: the margin per class, or the one margin."""
+        return self.margins(cols)[2]
+
+    # --------------------------------------------------------- reference
+    def forward_cpu(self, bottom, top):
+        xp = self.xp
+        check_finite(self, bottom[0])
+        rows, cols = margin_rows(self, bottom[1], self.channels, self.ignore_label)
+        if len(top) > 1:
+            top[1].data[...] = self.top_values(cols).astype(self.dtype)
+        x = bottom[0].data.reshape(self.num, self.channels)
+        c = x[rows, cols].astype(xp.float64)
+        if top[0] is not bottom[0]:
+            top[0].data[...] = bottom[0].data
+        self._rows, self._cols = rows, cols
+        value, self._factor = self.target_margin(c, cols)
+        z = top[0].data.reshape(self.num, self.channels)
+        z[rows, cols] = value.astype(self.dtype)
 
     def backward_cpu(self, top, propagate_down, bottom):
         self.check_no_label_backward(propagate_down)
