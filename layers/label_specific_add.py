@@ -165,3 +165,15 @@ class LabelSpecificAddLayer(LabelledLayer):
         self.check_no_label_backward(propagate_down)
         if propagate_down[0] and top[0] is not bottom[0]:
             bottom[0].diff[...] = top[0].diff
+
+    def forward_numba(self, bottom, top):
+        self.adapter("numba").forward(bottom, top)
+
+    def backward_numba(self, top, propagate_down, bottom):
+        self.adapter("numba").backward(top, propagate_down, bottom)
+
+    def forward_gpu(self, bottom, top):
+        self.adapter("cupy").forward(bottom, top)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        self.adapter("cupy").backward(top, propagate_down, bottom)

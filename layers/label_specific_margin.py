@@ -314,3 +314,15 @@ class LabelSpecificMarginLayer(LabelledLayer):
         dx = bottom[0].diff.reshape(self.num, self.channels)
         rows, cols = self._rows, self._cols
         dx[rows, cols] = (dx[rows, cols] * self._factor).astype(self.dtype)
+
+    def forward_numba(self, bottom, top):
+        self.adapter("numba").forward(bottom, top)
+
+    def backward_numba(self, top, propagate_down, bottom):
+        self.adapter("numba").backward(top, propagate_down, bottom)
+
+    def forward_gpu(self, bottom, top):
+        self.adapter("cupy").forward(bottom, top)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        self.adapter("cupy").backward(top, propagate_down, bottom)

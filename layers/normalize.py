@@ -133,3 +133,9 @@ class NormalizeLayer(Layer):
 
     def backward_numba(self, top, propagate_down, bottom):
         self.adapter("numba").backward(top, propagate_down, bottom)
+
+    def forward_gpu(self, bottom, top):
+        self.adapter("cupy").forward(bottom, top)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        self.adapter("cupy").backward(top, propagate_down, bottom)

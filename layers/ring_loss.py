@@ -150,6 +150,18 @@ class RingLossLayer(Layer):
             direction = x / xp.maximum(self.norm, tiny)[:, None]
             bottom[0].diff.reshape(self.num, self.dim)[...] = coef[:, None] * direction
 
+    def forward_numba(self, bottom, top):
+        self.adapter("numba").forward(bottom, top)
+
+    def backward_numba(self, top, propagate_down, bottom):
+        self.adapter("numba").backward(top, propagate_down, bottom)
+
+    def forward_gpu(self, bottom, top):
+        self.adapter("cupy").forward(bottom, top)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        self.adapter("cupy").backward(top, propagate_down, bottom)
+
     # --------------------------------------------------------------- checks
     def _check_radius(self, radius):
         if radius < 0 and not self._warned_negative:

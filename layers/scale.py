@@ -146,15 +146,19 @@ class ScaleLayer(Layer):
     def _scale_blob(self, bottom):
         return bottom[1] if len(bottom) > 1 else self.blobs[0]
 
-    def forward_cpu(self, bottom, top):
-        if top[0] is bottom[0]:
-            self._x_saved.data[...] = bottom[0].data
-        # happynear: clamp the stored learned scale in place (the gradient
-        # below is then taken at the clamped value).
+    def clamp_learned_scale(self):
+        """happynear: clamp the stored learned scale in place to
+        ``[min_value, max_value]`` (the gradient is then taken at the clamped
+        value); nothing when neither is set."""
         if self.min_value is not None:
             self.xp.maximum(self.blobs[0].data, self.min_value, out=self.blobs[0].data)
         if self.max_value is not None:
             self.xp.minimum(self.blobs[0].data, self.max_value, out=self.blobs[0].data)
+
+    def forward_cpu(self, bottom, top):
+        if top[0] is bottom[0]:
+            self._x_saved.data[...] = bottom[0].data
+        self.clamp_learned_scale()
         s = self._scale_blob(bottom).data.reshape(1, self.scale_dim, 1)
         self.xp.multiply(self._view(bottom[0].data), s, out=self._view(top[0].data))
         if self.bias_layer is not None:
@@ -180,6 +184,18 @@ class ScaleLayer(Layer):
         if propagate_down[0]:
             s = scale.data.reshape(1, self.scale_dim, 1)
             self.xp.multiply(dy, s, out=self._view(bottom[0].diff))
+
+    def forward_numba(self, bottom, top):
+        self.adapter("numba").forward(bottom, top)
+
+    def backward_numba(self, top, propagate_down, bottom):
+        self.adapter("numba").backward(top, propagate_down, bottom)
+
+    def forward_gpu(self, bottom, top):
+        self.adapter("cupy").forward(bottom, top)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        self.adapter("cupy").backward(top, propagate_down, bottom)
 
 
 def l2_softmax_alpha_low(num_classes, p):

@@ -147,7 +147,7 @@ def _pow2_at_least(n):
 
 
 @njit
-def _tree_max(b, n):
+def tree_max(b, n):
     # Max of b[:n] by halving; b is padded with -inf up to a power of two.
     # A NaN may or may not win, which is fine: the caller's sum of
     # exp(x - max) turns any NaN in the row into a NaN sum either way.
@@ -165,7 +165,7 @@ def _tree_max(b, n):
 
 
 @njit
-def _tree_sum(b, n):
+def tree_sum(b, n):
     # Pairwise sum of b[:n]; every level is an independent element-wise loop.
     p = _pow2_at_least(n)
     for j in range(n, p):
@@ -212,12 +212,12 @@ def row_max_sumexp(xr, b):
         seg = xr[start:start + nb]
         for j in range(nb):
             b[j] = seg[j]
-        mb = _tree_max(b, nb)
+        mb = tree_max(b, nb)
         if mb == -np.inf:
             continue  # every element contributes exp(-inf) = 0
         for j in range(nb):
             b[j] = exp_nonpos(seg[j] - mb)
-        sb = np.float64(_tree_sum(b, nb))
+        sb = np.float64(tree_sum(b, nb))
         if mb > m:
             s = s * math.exp(np.float64(m) - np.float64(mb)) + sb
             m = mb
@@ -247,7 +247,7 @@ def row_max(xr, b):
         seg = xr[start:start + nb]
         for j in range(nb):
             b[j] = seg[j]
-        mb = _tree_max(b, nb)
+        mb = tree_max(b, nb)
         if mb > m:
             m = mb
     return m
@@ -274,7 +274,7 @@ def row_exp_sum(xr, m, yr, b):
             e = exp_nonpos(seg[j] - m)
             ys[j] = e
             b[j] = e
-        s += np.float64(_tree_sum(b, nb))
+        s += np.float64(tree_sum(b, nb))
     return s
 
 
@@ -291,7 +291,7 @@ def row_dot(u, v, b):
         vs = v[start:start + nb]
         for j in range(nb):
             b[j] = us[j] * vs[j]
-        total += np.float64(_tree_sum(b, nb))
+        total += np.float64(tree_sum(b, nb))
     return total
 
 

@@ -46,6 +46,7 @@ from netlite.errors import (
     UnknownLayerTypeError,
     WeightsFileError,
 )
+from netlite.fusion import fusion_enabled, set_fusion
 from netlite.gradient_check import GradientChecker, GradientCheckError
 from netlite.layer import TEST, TRAIN, Layer, LossLayer, NeuronLayer
 from netlite.net import Net
@@ -74,9 +75,9 @@ __all__ = [
     "LayerSetupError", "LossLayer", "Net", "NetSpec", "NetliteError",
     "NetliteWarning", "NeuronLayer", "NonFiniteError", "PrototxtError",
     "ShapeError", "TEST", "TRAIN", "UnknownLayerTypeError", "WeightsFileError",
-    "cpu_engine", "create_layer", "layer_class", "layer_type_list",
+    "cpu_engine", "create_layer", "fusion_enabled", "layer_class", "layer_type_list",
     "layer_types", "register_layer", "set_cpu_engine",
-    "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
+    "set_device", "set_fusion", "set_mode_cpu", "set_mode_gpu", "set_random_seed",
     "AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver",
     "RMSPropSolver", "SGDSolver", "Solver", "SolverParameterError",
     "SolverStateError", "get_solver", "register_solver", "solver_types",

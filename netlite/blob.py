@@ -10,6 +10,10 @@ A Blob follows Caffe's semantics exactly:
 * :meth:`Blob.share_data` / :meth:`Blob.share_diff` alias another blob's
   buffer (both see every write); a reallocation breaks the alias.
 * :meth:`Blob.update` computes ``data -= diff`` (the solver's only write).
+* :meth:`Blob.defer` hands ``data`` and/or ``diff`` to a producer that
+  computes them on first access, and :meth:`Blob.release` drops buffers
+  that nothing asked for (a fused layer chain's intermediate blobs: see
+  docs/engine/fusion.md).
 
 In Python, ``blob.data`` and ``blob.diff`` are views of the first ``count``
 elements of the flat buffers, reshaped.  Assigning to them
@@ -88,6 +92,8 @@ class Blob:
         self._data = self._xp.zeros(0, dtype=dtype)
         self._diff = self._xp.zeros(0, dtype=dtype)
         self._layout_id = next(_LAYOUT_IDS)
+        # "data" / "diff" -> the callable that fills it on first access.
+        self._pending = {}
         if shape is not None:
             self.reshape(shape)
 
@@ -113,7 +119,59 @@ class Blob:
             self._data = self._xp.zeros(count, dtype=self._dtype)
             self._diff = self._xp.zeros(count, dtype=self._dtype)
             self._layout_id = next(_LAYOUT_IDS)
+            self._pending.clear()  # new buffers: nothing left to produce
         return self
+
+    # --------------------------------------------------------- deferral
+    def defer(self, data=None, diff=None):
+        """Let a producer compute ``data`` and/or ``diff`` on first access.
+
+        The first read or write of that side (``data``, ``flat_data``,
+        :meth:`share_data` by another blob, ...) calls ``producer(array)``
+        with the side's view in the blob's current shape (allocating a
+        released buffer first); the producer writes the values.  A fused
+        layer chain defers the intermediate blobs it never materialises;
+        deferring again replaces an earlier producer not yet called.
+
+        Parameters
+        ----------
+        data, diff : callable or None
+            The producers; None leaves that side as it is.
+        """
+        if data is not None:
+            self._pending["data"] = data
+        if diff is not None:
+            self._pending["diff"] = diff
+
+    def release(self):
+        """Drop both buffers and any producer; the capacity stays, and the
+        next access allocates zero-filled ones.
+        Frees the memory of an intermediate blob that a fused chain
+        computes without it."""
+        self._data = self._xp.zeros(0, dtype=self._dtype)
+        self._diff = self._xp.zeros(0, dtype=self._dtype)
+        self._pending.clear()
+        self._layout_id = next(_LAYOUT_IDS)
+
+    @property
+    def deferred(self):
+        """The sides (``"data"``, ``"diff"``) whose producer has not run."""
+        return tuple(sorted(self._pending))
+
+    def _buffer(self, side):
+        buffer = self._data if side == "data" else self._diff
+        if buffer.size >= self._capacity and not self._pending:
+            return buffer  # the common case
+        if buffer.size < self._capacity:  # released
+            buffer = self._xp.zeros(self._capacity, dtype=self._dtype)
+            if side == "data":
+                self._data = buffer
+            else:
+                self._diff = buffer
+        producer = self._pending.pop(side, None)
+        if producer is not None:
+            producer(self._view(buffer))
+        return buffer
 
     def reshape_like(self, other):
         """Reshape to ``other.shape``."""
@@ -215,7 +273,7 @@ class Blob:
     @property
     def data(self):
         """The data array (a view; writes go to the blob)."""
-        return self._view(self._data)
+        return self._view(self._buffer("data"))
 
     @data.setter
     def data(self, value):
@@ -224,7 +282,7 @@ class Blob:
     @property
     def diff(self):
         """The diff array (a view; writes go to the blob)."""
-        return self._view(self._diff)
+        return self._view(self._buffer("diff"))
 
     def _view(self, buffer):
         if self._shape is None:
@@ -249,24 +307,26 @@ class Blob:
     @property
     def flat_data(self):
         """1-D view of the data (length ``count``)."""
-        return self._data[: self._count]
+        return self._buffer("data")[: self._count]
 
     @property
     def flat_diff(self):
         """1-D view of the diff (length ``count``)."""
-        return self._diff[: self._count]
+        return self._buffer("diff")[: self._count]
 
     def share_data(self, other):
         """Alias ``other``'s data buffer (counts must match)."""
         self._check_share(other, "share_data")
-        self._data = other._data
+        self._data = other._buffer("data")
+        self._pending.pop("data", None)
         self._layout_id = next(_LAYOUT_IDS)
         self._capacity = min(self._data.size, self._diff.size)
 
     def share_diff(self, other):
         """Alias ``other``'s diff buffer (counts must match)."""
         self._check_share(other, "share_diff")
-        self._diff = other._diff
+        self._diff = other._buffer("diff")
+        self._pending.pop("diff", None)
         self._layout_id = next(_LAYOUT_IDS)
         self._capacity = min(self._data.size, self._diff.size)
 

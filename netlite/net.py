@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from netlite import backend, io, registry
+from netlite import backend, fusion, io, registry
 from netlite.blob import Blob
 from netlite.errors import (
     LayerSetupError,
@@ -279,6 +279,13 @@ class Net:
             if n is not None
         )
         self._share_weights()
+        # Chains a fast engine runs as one computation (netlite.fusion).
+        self._heads_from, self._heads_to, self._head_of = {}, {}, {}
+        for head in fusion.plan(self):
+            self._heads_from[head.first] = head
+            self._heads_to[head.last] = head
+            for j in range(head.first, head.last + 1):
+                self._head_of[j] = head
         logger.info("Network initialization done.")
 
     def _new_blob(self, name):
@@ -405,23 +412,62 @@ class Net:
 
     # ------------------------------------------------------------- running
     def forward_from_to(self, start, end):
-        """Forward layers ``start``..``end`` (inclusive); return the loss."""
+        """Forward layers ``start``..``end`` (inclusive); return the loss.
+
+        A fused chain (:mod:`netlite.fusion`) that lies wholly in the range
+        runs as one computation when it can; its blobs still read as the
+        layers would have written them."""
         loss = 0.0
-        for i in range(start, end + 1):
+        i = start
+        while i <= end:
+            head = self._heads_from.get(i)
+            if head is not None and head.last <= end and head.fuses_now():
+                loss += head.forward(head.bottom_vec, head.top_vec)
+                if self.debug_info:
+                    logger.info("    [Forward] Fused %s", head.describe_chain())
+                    for j in range(head.first, head.last + 1):
+                        self._forward_debug_info(j)
+                i = head.last + 1
+                continue
+            head = self._head_of.get(i)
+            if head is not None and head.ran_fused:
+                head.unfuse()  # a layer of a fused chain runs on its own
             loss += self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
             if self.debug_info:
                 self._forward_debug_info(i)
+            i += 1
         return loss
 
     def backward_from_to(self, start, end):
-        """Backward layers ``start`` down to ``end`` (inclusive)."""
-        for i in range(start, end - 1, -1):
+        """Backward layers ``start`` down to ``end`` (inclusive).
+
+        A chain whose last forward ran fused runs its fused backward when
+        it lies wholly in the range; otherwise its layers first rerun their
+        own forwards (:meth:`netlite.fusion` heads' ``unfuse``)."""
+        for head in self._heads_from.values():
+            overlaps = head.first <= start and head.last >= end
+            inside = head.first >= end and head.last <= start
+            if head.ran_fused and overlaps and not inside:
+                head.unfuse()
+        i = start
+        while i >= end:
+            head = self._heads_to.get(i)
+            if head is not None and head.ran_fused:
+                if any(self.layer_need_backward[head.first:head.last + 1]):
+                    head.backward(head.top_vec, head.propagate_down, head.bottom_vec)
+                    if self.debug_info:
+                        logger.info("    [Backward] Fused %s", head.describe_chain())
+                        for j in range(head.last, head.first - 1, -1):
+                            self._backward_debug_info(j)
+                i = head.first - 1
+                continue
             if self.layer_need_backward[i]:
                 self.layers[i].backward(
                     self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i]
                 )
                 if self.debug_info:
                     self._backward_debug_info(i)
+            i -= 1
 
     def forward(self, blobs=None, start=None, end=None, **inputs):
         """Run the forward pass and return the output blobs' data.

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from layer_test_case import LayerTestCase, labels
 from layer_testing import (
-    assert_numba_falls_back,
     f32,
     filler,
     make_blob,
@@ -65,7 +64,21 @@ class TestLabelSpecificAddLayer(LayerTestCase):
             "annealed": (0, -5e-5, 1, -0.4, 0, 3000),
         },
         "zero_bias": {"text": "", "bias": 0.0},
+        # Above PARALLEL_MIN_ELEMENTS (the threaded kernels); parity only.
+        "large": {"shape": (64, 1000), "classes": 1000, "tops": 2},
+        "large_ignore_only_above": {
+            "shape": (64, 1000),
+            "classes": 1000,
+            "text": "bias: -0.35 only_above_margin: true",
+            "extra": "loss_param { ignore_label: -1 }",
+            "ignore": -1,
+        },
     }
+
+    def applies(self, test_name, case):
+        if case.startswith("large") and not test_name.startswith("test_engine_parity"):
+            return False
+        return super().applies(test_name, case)
 
     @property
     def layer(self):
@@ -311,8 +324,10 @@ def test_class_bias_per_class_and_its_top():
     np.testing.assert_array_equal(top[1].data, np.float32([-0.1, -0.2, -0.3]))
 
 
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
 @pytest.mark.parametrize("label", [3.0, -1.0, 0.5, float("nan")])
-def test_bad_labels(label):
+def test_bad_labels(label, engine):
+    netlite.set_cpu_engine(engine)
     y = Y.astype(float).copy()
     y[2] = label
     with pytest.raises(LabelError, match=r"LabelSpecificAdd layer 'add'.*index \(2,\)"):
@@ -324,8 +339,10 @@ def test_label_count_must_be_n():
         _run("bias: -0.35", X, Y[:3])
 
 
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_non_finite_cosine(value):
+def test_non_finite_cosine(value, engine):
+    netlite.set_cpu_engine(engine)
     x = X.copy()
     x[1, 2] = value
     with pytest.raises(NonFiniteError, match=r"index \(1, 2\)"):
@@ -396,12 +413,56 @@ def test_matches_pml_cosface_logit_transform():
     assert worst <= 1e-15
 
 
+def _in_place(engine, text, x, y, dy, dtype):
+    """Forward and backward in place on ``engine``: (z, dx, top[1])."""
+    netlite.set_cpu_engine(engine)
+    layer = netlite.create_layer(
+        f'name: "add" type: "LabelSpecificAdd" label_specific_add_param {{ {text} }} '
+        "loss_param { ignore_label: -1 }",
+        dtype=dtype,
+    )
+    xb, yb, b = make_blob(x.shape, dtype, x), make_blob(y.shape, dtype, y), Blob(dtype=dtype)
+    layer.setup([xb, yb], [xb, b])
+    layer.forward([xb, yb], [xb, b])
+    z = xb.data.copy()
+    xb.diff[...] = dy
+    layer.backward([xb, b], [True, False], [xb, yb])
+    return z, xb.diff.copy(), b.data.copy()
+
+
 @requires_numba()
-def test_numba_engine_falls_back_to_the_reference(dtype):
-    # No kernel of its own: the Numba engine runs the NumPy reference.
+@pytest.mark.parametrize("shape", [(6, 5), (64, 1000)])
+@pytest.mark.parametrize("text", ["bias: -0.35", "class_bias: [-0.1, -0.2, 0, -0.4, -0.5]"])
+def test_numba_in_place_matches_numpy(dtype, shape, text):
+    # The Numba kernels copy (or, in place, only check) the cosines; the
+    # target logits are the layer's own maths: bit for bit the reference.
+    if "class_bias" in text and shape[1] != 5:
+        text = f"class_bias: [{', '.join(['-0.25'] * shape[1])}]"
     rng = np.random.default_rng(9)
-    inputs = [rng.uniform(-1, 1, (6, 5)), rng.integers(0, 5, 6).astype(float)]
-    diffs = [rng.standard_normal(inputs[0].shape)]
-    assert_numba_falls_back(
-        'name: "l" type: "LabelSpecificAdd" label_specific_add_param { bias: -0.35 }',
-        inputs, diffs, [True, False], dtype)
+    x = rng.uniform(-1, 1, shape)
+    y = rng.integers(0, shape[1], shape[0]).astype(float)
+    y[::4] = -1
+    dy = rng.standard_normal(shape)
+    for a, b in zip(_in_place("numpy", text, x, y, dy, dtype),
+                    _in_place("numba", text, x, y, dy, dtype)):
+        np.testing.assert_array_equal(b, a)
+
+
+@requires_numba()
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("where", [(0, 0), (31, 500), (63, 999)])
+def test_numba_non_finite_in_any_chunk_raises_the_reference_error(where, in_place):
+    # A large batch: the threaded kernel splits it into chunks; the bad value
+    # is found wherever it is, and in place the cosines are left untouched.
+    netlite.set_cpu_engine("numba")
+    x = np.random.default_rng(4).uniform(-1, 1, (64, 1000))
+    x[where] = np.inf
+    xb, yb = make_blob(x.shape, np.float32, x), make_blob((64,), np.float32, np.zeros(64))
+    top = [xb] if in_place else [Blob(dtype=np.float32)]
+    layer = netlite.create_layer(
+        'name: "add" type: "LabelSpecificAdd" label_specific_add_param { bias: -0.35 }',
+        dtype=np.float32)
+    layer.setup([xb, yb], top)
+    with pytest.raises(NonFiniteError, match=rf"'add'.*index \({where[0]}, {where[1]}\)"):
+        layer.forward([xb, yb], top)
+    np.testing.assert_array_equal(xb.data, x.astype(np.float32))

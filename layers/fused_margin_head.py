@@ -1,0 +1,383 @@
+r"""FusedMarginHead: a normalised margin head run as one computation.
+
+See docs/layers/fused_margin_head.md.
+"""
+
+import logging
+
+import numpy as np
+
+from netlite import fusion
+from netlite.errors import LayerSetupError
+from netlite.layer import Layer
+from netlite.layers._additive_margin import margin_rows
+from netlite.layers._labels import FLT_MIN
+from netlite.layers.inner_product import InnerProductLayer
+from netlite.layers.label_specific_add import LabelSpecificAddLayer
+from netlite.layers.label_specific_margin import LabelSpecificMarginLayer
+from netlite.layers.scale import ScaleLayer
+from netlite.layers.softmax_loss import SoftmaxWithLossLayer
+from netlite.proto import netlite_pb2
+from netlite.registry import register_layer
+
+__all__ = ["FusedMarginHeadLayer", "HeadState", "find_margin_heads"]
+
+logger = logging.getLogger("netlite")
+
+MARGIN_LAYERS = (LabelSpecificAddLayer, LabelSpecificMarginLayer)
+#: The roles of a chain's layers, in order; margin and scale are optional.
+ROLES = ("fc", "margin", "scale", "loss")
+ROLE_CLASSES = {"fc": InnerProductLayer, "margin": MARGIN_LAYERS,
+                "scale": ScaleLayer, "loss": SoftmaxWithLossLayer}
+
+
+@register_layer("FusedMarginHead")
+class FusedMarginHeadLayer(Layer):
+    r"""The chain ``InnerProduct{normalize} → [margin] → [Scale] →
+    SoftmaxWithLoss`` as one computation on the fast engines.
+
+    Type ``"FusedMarginHead"``, made by :class:`netlite.Net` (never written
+    in a prototxt) for each such chain it finds (:func:`find_margin_heads`);
+    the net's layers stay as written, and this head runs in their place
+    when :meth:`fuses_now`.  With features ``x`` (N, K), weights ``W``
+    (C, K), ``nu_c = sqrt(|w_c|^2 + eps)``, labels ``y`` and scale ``s``:
+
+    .. math::
+        A = x W^\top, \quad \cos_{nc} = A_{nc} / \nu_c, \quad
+        z_{nc} = \cos_{nc} \text{ except } z_{n y_n} = \psi(\cos_{n y_n}),
+        \quad \ell = s z, \quad
+        E = \frac{w_E}{Z} \sum_{n \,\text{valid}}
+            \bigl(\operatorname{lse}_n - \ell_{n y_n}\bigr)
+
+    with the margin ``psi`` and its slope ``f`` from the margin layer
+    (``target_margin``), ``Z`` the loss layer's normaliser and ``w_E`` its
+    loss weight.  Backward, with ``g_n = w_E / Z`` on valid rows (else 0)
+    and ``p = exp(l - lse)``:
+
+    .. math::
+        \delta\ell = g (p - \text{onehot}), \quad
+        \delta\!\cos = s\,\delta\ell \text{ (times } f_n \text{ at }
+        y_n\text{)}, \quad G_{nc} = \delta\!\cos_{nc} / \nu_c, \\
+        \delta x = G W, \quad
+        \delta W \mathrel{+}= G^\top x - \operatorname{diag}(r / \nu^2) W,
+        \quad r_c = \sum_n \delta\!\cos_{nc} \cos_{nc}, \quad
+        \delta s \mathrel{+}= \sum_{nc} \delta\ell_{nc} z_{nc}
+
+    (TRUE_GRADIENT; RENORM_INPLACE renormalises ``W`` in place and takes
+    ``nu = 1`` and ``r = 0`` after it).  The norms are folded into the
+    element-wise passes, so the only N x C arrays are ``cos`` and ``G``.
+
+    Bottoms: ``x`` (the InnerProduct's bottom), the loss's labels, the
+    margin's labels (when there is a margin layer).  Top: the loss.
+    Intermediate blobs (``cos``, ``z``, ``l`` and their diffs) are deferred
+    (:meth:`netlite.Blob.defer`): computed, as the layers would have, only
+    when read.
+    """
+
+    exact_num_top_blobs = 1
+
+    def __init__(self, layer_param=None, **kwargs):
+        super().__init__(layer_param, **kwargs)
+        self.links = {}
+        self.first = self.last = -1
+        self.bottom_vec, self.top_vec, self.propagate_down = [], [], []
+        self.ran_fused = False
+        self.state = None
+
+    @classmethod
+    def from_chain(cls, net, ids):
+        """The head for the net's layers ``ids`` (one per role present)."""
+        layers = [net.layers[i] for i in ids]
+        roles = [next(r for r in ROLES if isinstance(layer, ROLE_CLASSES[r]))
+                 for layer in layers]
+        param = netlite_pb2.LayerParameter(
+            name="+".join(layer.name for layer in layers), type="FusedMarginHead")
+        fc = layers[0]
+        head = cls(param, dtype=fc.dtype, device=fc.device)
+        head.first, head.last = ids[0], ids[-1]
+        head.links = {role: (layer, net.bottom_vecs[i], net.top_vecs[i])
+                      for role, layer, i in zip(roles, layers, ids)}
+        loss = head.links["loss"]
+        head.bottom_vec = [net.bottom_vecs[ids[0]][0], loss[1][1]]
+        if "margin" in head.links:
+            head.bottom_vec.append(head.links["margin"][1][1])
+        head.top_vec = list(loss[2])
+        head.propagate_down = ([net.bottom_need_backward[ids[0]][0]]
+                               + [False] * (len(head.bottom_vec) - 1))
+        head.loss_weights = list(loss[0].loss_weights)
+        head.dtype, head.xp = fc.dtype, fc.xp
+        # The N x C blobs the fused computation does without.
+        for _, blob in head.intermediates():
+            blob.release()
+        loss[0].prob.release()
+        return head
+
+    def layer(self, role):
+        """The chain's layer in ``role`` (``"fc"``, ``"margin"``, ``"scale"``,
+        ``"loss"``), or None."""
+        link = self.links.get(role)
+        return link[0] if link else None
+
+    def intermediates(self):
+        """``[(role, blob)]``: the tops of every layer but the loss."""
+        return [(role, link[2][0]) for role, link in self.links.items()
+                if role != "loss"]
+
+    def describe_chain(self):
+        """One line for the log: the layers, their types, the engines."""
+        parts = [f"{layer.name} ({layer.type})"
+                 for layer, _, _ in self.links.values()]
+        return ("layers " + " -> ".join(parts) + " into one FusedMarginHead "
+                "(numba engine; netlite.set_fusion(False) or NETLITE_FUSION=0 "
+                "runs them one by one)")
+
+    # ------------------------------------------------------------ contract
+    def layer_setup(self, bottom, top):
+        raise LayerSetupError(
+            f"{self.describe()}: a FusedMarginHead is made by the Net from a "
+            "chain InnerProduct{normalize} -> [LabelSpecificAdd | "
+            "LabelSpecificMargin] -> [Scale] -> SoftmaxWithLoss; write the chain")
+
+    def reshape(self, bottom, top):
+        for layer, b, t in self.links.values():
+            layer.reshape(b, t)
+
+    def select_engine(self):
+        """``"numba"`` when every layer of the chain would run on Numba now,
+        else ``"numpy"`` (the layers one by one)."""
+        engines = {layer.select_engine() for layer, _, _ in self.links.values()}
+        return "numba" if engines == {"numba"} else "numpy"
+
+    def fuses_now(self):
+        """Whether a forward now runs the fused computation."""
+        return fusion.fusion_enabled() and self.select_engine() != "numpy"
+
+    def unfuse(self):
+        """Rerun the chain's forwards one by one, so that each layer holds
+        its own state for its own backward (after a fused forward)."""
+        for layer, b, t in self.links.values():
+            layer.forward(b, t)
+        self.ran_fused = False
+        self.engine = "numpy"
+
+    # --------------------------------------------------------- reference
+    def forward_cpu(self, bottom, top):
+        for layer, b, t in self.links.values():
+            layer.forward(b, t)
+
+    def backward_cpu(self, top, propagate_down, bottom):
+        down = {"fc": [propagate_down[0]]}
+        for role in reversed(list(self.links)):
+            layer, b, t = self.links[role]
+            flags = down.get(role, [True] + [False] * (len(b) - 1))
+            layer.backward(t, flags, b)
+
+    # ------------------------------------------------- shared engine maths
+    def scale_value(self):
+        """The scale ``s`` (clamped first as the Scale layer does), in the
+        blobs' dtype; 1 without a Scale layer."""
+        scale = self.layer("scale")
+        if scale is None:
+            return self.dtype.type(1)
+        scale.clamp_learned_scale()
+        return self.dtype.type(scale.blobs[0].data.reshape(-1)[0])
+
+    def columns(self, xp):
+        """``(lcol, mrows, mcols, mcol)``: the loss's class per row (-1 when
+        ignored), the margin rows and classes, and the margin class per row
+        (-1 when none).  Bad labels raise the layers' own LabelError."""
+        loss, lb, _ = self.links["loss"]
+        n, c = loss.outer, loss.channels
+        mcol = xp.full(n, -1, dtype=xp.int64)
+        mrows = mcols = xp.zeros(0, xp.int64)
+        margin = self.layer("margin")
+        if margin is not None:  # first, as in the chain
+            mb = self.links["margin"][1]
+            mrows, mcols = margin_rows(margin, mb[1], c, margin.ignore_label)
+            mcol[mrows] = mcols
+        lcol = loss.label_codes(lb[1]).reshape(-1).astype(xp.int64)
+        return lcol, mrows, mcols, mcol
+
+    def finish_forward(self, state, rmax, rsum, top):
+        """From the kernel's per-row statistics of the non-margin logits
+        (``rmax``, ``rsum = sum exp(l - rmax)``, float64): apply the margin
+        to the target cosines, form ``lse``, write the loss to ``top[0]``.
+        Returns False when the loss is not finite (the caller reruns the
+        layers, which raise the reference's error)."""
+        xp, z, dt = self.xp, state.z, self.dtype
+        margin = self.layer("margin")
+        state.v, state.factor = xp.zeros(0), xp.zeros(0)
+        with np.errstate(divide="ignore"):  # a row with no other column
+            lse = rmax + xp.log(rsum)
+        if margin is not None and state.mrows.size:
+            c = z[state.mrows, state.mcols].astype(xp.float64)
+            state.v, state.factor = margin.target_margin(c, state.mcols)
+            lt = (state.v.astype(dt) * state.s).astype(xp.float64)
+            lse[state.mrows] = xp.logaddexp(lse[state.mrows], lt)
+        state.lse = lse
+        valid = state.lcol >= 0
+        rows = xp.nonzero(valid)[0]
+        picked = z[rows, state.lcol[rows]].astype(xp.float64)
+        hit = state.mcol[rows] == state.lcol[rows]
+        if margin is not None and state.mrows.size:
+            slot = xp.zeros(z.shape[0], dtype=xp.int64)
+            slot[state.mrows] = xp.arange(state.mrows.size)
+            picked = xp.where(hit, state.v[slot[rows]], picked)
+        logit = (picked.astype(dt) * state.s).astype(xp.float64)
+        # The reference's -log(max(p, FLT_MIN)) with p rounded to the dtype.
+        p = xp.exp(logit - lse[rows]).astype(dt)
+        total = float(-xp.log(xp.maximum(p, dt.type(FLT_MIN))).sum())
+        loss = self.layer("loss")
+        loss.valid_count = int(rows.size)
+        top[0].data[...] = total / loss.normalizer(loss.valid_count)
+        state.g = None
+        return bool(xp.isfinite(total)) and bool(xp.isfinite(lse).all())
+
+    def row_gradient_scale(self, state, top):
+        """``g`` (N,): ``dE/dloss / Z`` on the loss's valid rows, else 0."""
+        xp, dt = self.xp, self.dtype
+        loss = self.layer("loss")
+        g = top[0].diff.reshape(()) / dt.type(loss.normalizer(loss.valid_count))
+        state.g = xp.where(state.lcol >= 0, g, dt.type(0)).astype(dt)
+        return state.g
+
+    def defer_forward(self, state):
+        """Defer the data of every intermediate blob to ``state``."""
+        producers = {"fc": cosine_data, "margin": margin_data, "scale": logit_data}
+        for role, blob in self.intermediates():
+            blob.release()
+            blob.defer(data=_bind(producers[role], self, state))
+
+    def defer_backward(self, state):
+        """Defer the diff of every intermediate blob to ``state``."""
+        producers = {"fc": cosine_diff, "margin": margin_diff, "scale": logit_diff}
+        for role, blob in self.intermediates():
+            blob.defer(diff=_bind(producers[role], self, state))
+
+    # ----------------------------------------------------------- engines
+    def forward_numba(self, bottom, top):
+        self.adapter("numba").forward(bottom, top)
+
+    def backward_numba(self, top, propagate_down, bottom):
+        self.adapter("numba").backward(top, propagate_down, bottom)
+
+
+class HeadState:
+    """What a fused forward leaves for its backward and for the deferred
+    blobs: ``z`` (N, C) the cosines (``cos``; the margin column holds the
+    cosine before the margin), ``s``, ``lcol``, ``mrows``, ``mcols``,
+    ``mcol``, ``v`` and ``factor`` (the margin's value and slope per margin
+    row, float64), ``lse`` (N,) float64, and after the backward ``g``."""
+
+    def __init__(self, z, s, columns):
+        self.z, self.s = z, s
+        self.lcol, self.mrows, self.mcols, self.mcol = columns
+        self.v = self.factor = self.lse = self.g = None
+
+
+def _bind(producer, head, state):
+    def fill(out):
+        producer(head, state, out.reshape(state.z.shape))
+    return fill
+
+
+# ------------------------------------------------ the deferred blobs' values
+def cosine_data(head, state, out):
+    """``cos``: the InnerProduct's top."""
+    out[...] = state.z
+
+
+def margin_data(head, state, out):
+    """``z``: the cosines with the margin on the target."""
+    out[...] = state.z
+    out[state.mrows, state.mcols] = state.v.astype(head.dtype)
+
+
+def logit_data(head, state, out):
+    """``l = s z``: the Scale's top (Scale multiplies in the blobs' dtype)."""
+    margin_data(head, state, out)
+    out *= state.s
+
+
+def logit_diff(head, state, out):
+    """``dE/dl = g (p - onehot)``, ``p = exp(l - lse)``."""
+    xp = head.xp
+    logit_data(head, state, out)
+    p = xp.exp(out.astype(xp.float64) - state.lse[:, None])
+    rows = xp.nonzero(state.lcol >= 0)[0]
+    p[rows, state.lcol[rows]] -= 1
+    out[...] = (p * state.g[:, None].astype(xp.float64)).astype(head.dtype)
+
+
+def margin_diff(head, state, out):
+    """``dE/dz = s dE/dl`` (the Scale's bottom diff)."""
+    logit_diff(head, state, out)
+    out *= state.s
+
+
+def cosine_diff(head, state, out):
+    """``dE/dcos``: ``dE/dz`` times the margin's slope on the target."""
+    margin_diff(head, state, out)
+    target = out[state.mrows, state.mcols].astype(head.xp.float64)
+    out[state.mrows, state.mcols] = (target * state.factor).astype(head.dtype)
+
+
+# ------------------------------------------------------------- the planner
+@fusion.register_fuser
+def find_margin_heads(net):
+    """The FusedMarginHeads of ``net``: every InnerProduct with
+    ``normalize`` followed, layer after layer, by an optional
+    LabelSpecificAdd / LabelSpecificMargin, an optional Scale and a
+    SoftmaxWithLoss, each consuming the previous one's top as its only
+    reader.  A chain that does not qualify is logged with the reason."""
+    heads = []
+    for i, layer in enumerate(net.layers):
+        if not isinstance(layer, InnerProductLayer) or not layer.normalize:
+            continue
+        ids = _chain(net, i)
+        reason = _why_not(net, ids)
+        if reason:
+            logger.info("Not fusing the head from layer %s: %s", layer.name, reason)
+            continue
+        heads.append(FusedMarginHeadLayer.from_chain(net, ids))
+    return heads
+
+
+def _chain(net, first):
+    ids, top = [first], net.top_vecs[first][0]
+    j = first + 1
+    for role in ROLES[1:]:
+        if j >= len(net.layers):
+            break
+        layer = net.layers[j]
+        if isinstance(layer, ROLE_CLASSES[role]) and net.bottom_vecs[j][:1] == [top]:
+            ids.append(j)
+            top = net.top_vecs[j][0] if net.top_vecs[j] else None
+            j += 1
+    return ids
+
+
+def _why_not(net, ids):
+    """Why the layers ``ids`` cannot be fused ('' when they can)."""
+    layers = [net.layers[i] for i in ids]
+    fc, loss = layers[0], layers[-1]
+    if not isinstance(loss, SoftmaxWithLossLayer):
+        return "no SoftmaxWithLoss follows it directly"
+    if fc.bias_term or fc.transpose:
+        return "the InnerProduct has a bias or is transposed"
+    if len(net.top_vecs[ids[0]][0].shape) != 2:
+        return "the InnerProduct's top is not (N, C)"
+    if len(net.top_vecs[ids[-1]]) != 1 or loss.layer_param.softmax_param.axis != 1:
+        return "the SoftmaxWithLoss has a second top or a softmax axis other than 1"
+    for layer, i in zip(layers[1:-1], ids[1:-1]):
+        if len(net.top_vecs[i]) != 1 or net.top_vecs[i][0] is net.bottom_vecs[i][0]:
+            return f"{layer.name} has a second top or runs in place"
+        if isinstance(layer, ScaleLayer) and (
+                len(net.bottom_vecs[i]) != 1 or layer.bias_layer is not None
+                or layer.blobs[0].count != 1):
+            return f"{layer.name} is not a learned scalar scale without bias"
+    for i in ids[:-1]:
+        blob = net.top_vecs[i][0]
+        if sum(b is blob for vec in net.bottom_vecs for b in vec) != 1:
+            return f"the top of {net.layers[i].name} has another reader"
+    return ""
