@@ -133,11 +133,13 @@ def head_prototxt(head, n, d, c):
 def make_netlite_step(engine, head, x, w, labels):
     """A closure running one clear-diffs + forward + backward on ``engine``."""
     n, d = x.shape
+    fuse = engine != "numba-unfused"
+    cpu = "numba" if engine.startswith("numba") else engine
     if engine == "cupy":
         netlite.set_mode_gpu()
     else:
         netlite.set_mode_cpu()
-        backend.set_cpu_engine(engine)
+        backend.set_cpu_engine(cpu)
     net = netlite.Net(head_prototxt(head, n, d, w.shape[0]), netlite.TRAIN,
                       dtype=np.float32)
     xp = net.blobs["x"].xp
@@ -161,7 +163,12 @@ def make_netlite_step(engine, head, x, w, labels):
 
     # The CPU engine is process-wide and the engines take turns: select this
     # one before each sample (outside the timed calls).
-    step.prepare = lambda: engine == "cupy" or backend.set_cpu_engine(engine)
+    def prepare():
+        netlite.set_fusion(fuse)
+        if engine != "cupy":
+            backend.set_cpu_engine(cpu)
+
+    step.prepare = prepare
     step.net = net
     return step
 
@@ -301,7 +308,8 @@ def main(argv=None):
     if args.engines:
         engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     else:
-        engines = ["numpy", "numba"] + (["cupy"] if backend.cupy_available() else [])
+        engines = (["numpy", "numba-unfused", "numba"]
+                   + (["cupy"] if backend.cupy_available() else []))
 
     import numba
 
@@ -361,11 +369,11 @@ def main(argv=None):
                                          f"{losses[(head, engine)]} != {ref_engine} "
                                          f"{ref} at {(n, d, c)}")
         memory = {key: peak_extra_bytes(step) for key, step in steps.items()
-                  if key[1] in ("numpy", "numba")}
+                  if key[1] in ("numpy", "numba-unfused", "numba")}
         if args.profile and "numba" in engines:
             for head in heads:
                 profiles.append(((n, d, c), head,
-                                 profile_layers(steps[(head, "numba")])))
+                                 profile_layers(steps[(head, "numba-unfused")])))
         rounds = args.large_rounds if c >= 50000 else args.rounds
         print(f"size {(n, d, c)}: timing {len(steps)} steps, {rounds} rounds ...",
               file=sys.stderr, flush=True)

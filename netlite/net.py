@@ -438,6 +438,11 @@ class Net:
             i += 1
         return loss
 
+    def fused_heads(self):
+        """The layer chains this net runs fused when it can
+        (:mod:`netlite.fusion`), in layer order."""
+        return list(self._heads_from.values())
+
     def backward_from_to(self, start, end):
         """Backward layers ``start`` down to ``end`` (inclusive).
 
