@@ -362,7 +362,11 @@ def _why_not(net, ids):
     layers = [net.layers[i] for i in ids]
     fc, loss = layers[0], layers[-1]
     if not isinstance(loss, SoftmaxWithLossLayer):
-        return "no SoftmaxWithLoss follows it directly"
+        nxt = ids[-1] + 1
+        after = (f"{net.layers[nxt].name} ({net.layers[nxt].type})"
+                 if nxt < len(net.layers) else "the end of the net")
+        return (f"the chain stops at {after}; a SoftmaxWithLoss must read the "
+                f"top of {loss.name}, its only reader")
     if fc.bias_term or fc.transpose:
         return "the InnerProduct has a bias or is transposed"
     if len(net.top_vecs[ids[0]][0].shape) != 2:

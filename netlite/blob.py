@@ -154,6 +154,11 @@ class Blob:
         self._layout_id = next(_LAYOUT_IDS)
 
     @property
+    def nbytes(self):
+        """Bytes of the buffers held now (0 for released ones)."""
+        return int(self._data.nbytes + self._diff.nbytes)
+
+    @property
     def deferred(self):
         """The sides (``"data"``, ``"diff"``) whose producer has not run."""
         return tuple(sorted(self._pending))

@@ -200,3 +200,203 @@ def test_training_with_a_solver_matches():
         assert [h.ran_fused for h in net.fused_heads()] == [fuse]
         weights.append(net.params["fc"][0].data.copy())
     np.testing.assert_allclose(weights[0], weights[1], rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------- planner
+NOT_FUSED = {
+    "a second reader of the logits": (
+        {"more": 'layer { name: "acc" type: "Accuracy" bottom: "logits" '
+                 'bottom: "label" top: "acc" }\n'},
+        "the chain stops at logits_scale_0_split (Split)"),
+    "a bias in the InnerProduct": ({}, "has a bias"),
+    "a Scale in place": (
+        {"margin": "add"}, "runs in place"),
+    "a Scale with a bias": (
+        {"scale_extra": "bias_term: true"}, "without bias"),
+    "no loss after the scale": (
+        {}, "the chain stops at loss (Softmax)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_FUSED))
+def test_what_is_not_fused_is_logged(case, caplog):
+    kwargs, reason = NOT_FUSED[case]
+    kwargs = dict(kwargs)
+    text = head_net(**{k: v for k, v in kwargs.items() if v is not None})
+    if case == "a bias in the InnerProduct":
+        text = text.replace("bias_term: false", "bias_term: true")
+    if case == "a Scale in place":
+        text = text.replace('bottom: "cos_m" top: "logits"', 'bottom: "cos_m" top: "cos_m"')
+        text = text.replace('bottom: "logits" bottom: "label" top: "loss"',
+                            'bottom: "cos_m" bottom: "label" top: "loss"')
+    if case == "no loss after the scale":
+        text = text.replace(
+            'type: "SoftmaxWithLoss" bottom: "logits" bottom: "label" top: "loss"',
+            'type: "Softmax" bottom: "logits" top: "prob"')
+    with caplog.at_level(logging.INFO, logger="netlite"):
+        netlite.set_cpu_engine("numba")
+        net = netlite.Net(text, netlite.TRAIN, dtype=np.float64)
+    assert net.fused_heads() == []
+    assert any("Not fusing the head from layer fc" in r.getMessage()
+               and reason in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_the_fusion_is_logged_at_build_and_in_debug_info(caplog):
+    text = "debug_info: true\n" + head_net(margin="arc")
+    with caplog.at_level(logging.INFO, logger="netlite"):
+        run(text, True, steps=1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Fusing layers fc (InnerProduct) -> margin "
+                            "(LabelSpecificMargin) -> scale (Scale) -> loss "
+                            "(SoftmaxWithLoss)") for m in messages)
+    assert sum("[Forward] Fused layers fc" in m for m in messages) == 1
+    assert sum("[Backward] Fused layers fc" in m for m in messages) == 1
+    # Each layer's own debug lines still follow, with the unfused values.
+    assert any("[Forward] Layer margin, top blob cos_m data" in m for m in messages)
+
+
+def test_a_loss_extension_runs_the_layers_one_by_one():
+    text = head_net(margin="add",
+                    loss_extra="loss_param { label_smoothing: 0.1 }")
+    net, fused = run(text, True)
+    assert [h.ran_fused for h in net.fused_heads()] == [False]
+    _, plain = run(text, False)
+    assert_same(fused, plain, np.float64)
+
+
+def test_the_numpy_engine_runs_the_layers_one_by_one():
+    netlite.set_cpu_engine("numpy")
+    try:
+        net = netlite.Net(head_net(), netlite.TRAIN, dtype=np.float64)
+        net.forward()
+        assert [h.ran_fused for h in net.fused_heads()] == [False]
+    finally:
+        netlite.set_cpu_engine("numba")
+
+
+def test_environment_variable_turns_fusion_off(monkeypatch):
+    from netlite import fusion
+
+    monkeypatch.setenv("NETLITE_FUSION", "0")
+    monkeypatch.setattr(fusion, "_enabled", None)
+    assert not netlite.fusion_enabled()
+    monkeypatch.setenv("NETLITE_FUSION", "1")
+    monkeypatch.setattr(fusion, "_enabled", None)
+    assert netlite.fusion_enabled()
+
+
+def test_cannot_be_written_in_a_prototxt():
+    with pytest.raises(LayerSetupError, match="made by the Net from a chain"):
+        netlite.Net(
+            'layer { name: "in" type: "Input" top: "x" top: "label" input_param { '
+            "shape { dim: 2 dim: 3 } shape { dim: 2 } } }\n"
+            'layer { name: "h" type: "FusedMarginHead" bottom: "x" bottom: "label" '
+            'top: "loss" }', netlite.TRAIN)
+
+
+# -------------------------------------------------------- deferral, memory
+def fresh_net(text, steps=1):
+    """A net after ``steps`` fused steps, none of its blobs read since."""
+    net, _ = run(text, True, steps=0)
+    for _ in range(steps):
+        net.forward()
+        net.backward()
+    return net
+
+
+def test_intermediate_blobs_are_deferred_and_hold_no_memory():
+    net = fresh_net(head_net(margin="arc"))
+    for name in ("cos", "cos_m", "logits"):
+        blob = net.blobs[name]
+        assert blob.deferred == ("data", "diff")
+        assert blob.nbytes == 0
+    assert net.layers[-1].prob.nbytes == 0
+    value = net.blobs["cos_m"].diff  # materialised on request
+    assert net.blobs["cos_m"].nbytes == value.nbytes
+    assert net.blobs["cos_m"].deferred == ("data",)
+    assert net.blobs["cos"].nbytes == 0
+
+
+def test_a_materialised_blob_is_replaced_by_the_next_forward():
+    net, _ = run(head_net(margin="add"), True, steps=1)
+    first = net.blobs["cos"].data.copy()
+    net.blobs["x"].data[...] *= -1
+    net.forward()
+    np.testing.assert_allclose(net.blobs["cos"].data, -first, rtol=1e-12)
+    assert net.blobs["cos"].deferred == ()
+
+
+def test_a_fused_step_allocates_no_n_by_c_array():
+    # After the first step (which allocates the head's two N x C arrays),
+    # a step allocates only O(N + C) and the weight GEMM's block.
+    global N, C
+    n_c = (N, C)
+    N, C = 64, 3000
+    try:
+        net, _ = run(head_net(margin="arc"), True, steps=1, dtype=np.float32)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            net.forward()
+            net.backward()
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert peak < N * C * 4 / 4, peak
+    finally:
+        N, C = n_c
+
+
+# ------------------------------------------------------- partial, errors
+def test_partial_forward_and_backward_match_the_unfused_chain():
+    text = head_net(margin="arc", scale_param="lr_mult: 1")
+    results = []
+    for fuse in (True, False):
+        net, _ = run(text, fuse, steps=1)
+        net.clear_param_diffs()
+        net.forward()
+        # A backward that ends inside the chain (down to the margin layer),
+        # then the rest: the chain reruns its layers' forwards first.
+        net.backward(start="loss", end="margin")
+        net.backward(start="fc", end="norm")
+        # A forward that starts inside the chain.
+        net.forward(start="scale")
+        results.append({k: (b.data.copy(), b.diff.copy()) for k, b in net.blobs.items()}
+                       | {"W": (net.params["fc"][0].data.copy(),
+                                net.params["fc"][0].diff.copy()),
+                          "s": (net.params["scale"][0].data.copy(),
+                                net.params["scale"][0].diff.copy())})
+    for key, (data, diff) in results[1].items():
+        np.testing.assert_allclose(results[0][key][0], data, rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(results[0][key][1], diff, rtol=1e-11, atol=1e-13)
+
+
+def test_non_finite_features_raise_the_layers_error():
+    messages = []
+    for fuse in (True, False):
+        netlite.set_fusion(fuse)
+        net = netlite.Net(head_net(margin="arc", fc_extra=""), netlite.TRAIN,
+                          dtype=np.float64)
+        x, labels = inputs()
+        x[2, 3] = np.nan
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = labels
+        with pytest.raises(NonFiniteError) as info:
+            net.forward()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+def test_a_bad_label_raises_the_layers_error():
+    messages = []
+    for fuse in (True, False):
+        netlite.set_fusion(fuse)
+        net = netlite.Net(head_net(margin="add"), netlite.TRAIN, dtype=np.float64)
+        x, labels = inputs()
+        labels[0] = C
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = labels
+        with pytest.raises(LabelError) as info:
+            net.forward()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
