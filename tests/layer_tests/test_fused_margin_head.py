@@ -226,7 +226,8 @@ def test_what_is_not_fused_is_logged(case, caplog):
     if case == "a bias in the InnerProduct":
         text = text.replace("bias_term: false", "bias_term: true")
     if case == "a Scale in place":
-        text = text.replace('bottom: "cos_m" top: "logits"', 'bottom: "cos_m" top: "cos_m"')
+        text = text.replace('bottom: "cos_m" top: "logits"',
+                            'bottom: "cos_m" top: "cos_m"')
         text = text.replace('bottom: "logits" bottom: "label" top: "loss"',
                             'bottom: "cos_m" bottom: "label" top: "loss"')
     if case == "no loss after the scale":
