@@ -10,7 +10,7 @@ import naive
 import numpy as np
 import pytest
 from layer_test_case import LayerTestCase
-from layer_testing import filler, make_blob, rel_err
+from layer_testing import assert_close, filler, make_blob, rel_err, requires_numba
 
 import netlite
 from netlite import Blob, LayerSetupError, NetliteWarning, NonFiniteError, ShapeError
@@ -48,7 +48,19 @@ class TestRingLossLayer(LayerTestCase):
         "zero_norm": {"zero_row": True},
         "zero_norm_charbonnier": {"zero_row": True, "kind": "CHARBONNIER"},
         "zero_norm_per_position": {"zero_row": True, "per_position": True},
+        # Above PARALLEL_MIN_ELEMENTS (the threaded kernels); parity only.
+        "large": {"shape": (64, 1000), "radius": 30.0},
+        "large_charbonnier_per_position": {"shape": (64, 10, 100),
+                                           "kind": "CHARBONNIER",
+                                           "per_position": True},
+        "large_first_batch_zero_norm": {"shape": (64, 1000), "first_batch": True,
+                                        "zero_row": True},
     }
+
+    def applies(self, test_name, case):
+        if case.startswith("large") and not test_name.startswith("test_engine_parity"):
+            return False
+        return super().applies(test_name, case)
 
     @property
     def layer(self):
@@ -285,8 +297,10 @@ def test_loaded_radius_shape_is_checked():
         run(ring_layer(text), features())
 
 
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_features_are_named(bad):
+def test_non_finite_features_are_named(bad, engine):
+    netlite.set_cpu_engine(engine)
     x = features((4, 3))
     x.data[2, 1] = bad
     with pytest.raises(NonFiniteError,
@@ -294,7 +308,9 @@ def test_non_finite_features_are_named(bad):
         run(ring_layer(), x)
 
 
-def test_negative_radius_warns_once():
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
+def test_negative_radius_warns_once(engine):
+    netlite.set_cpu_engine(engine)
     layer = ring_layer()
     x = features()
     top = Blob(dtype=np.float64)
@@ -360,3 +376,31 @@ def test_torch_autograd_float64(kind, per_position, shape):
     print(f"ring_loss torch {kind} per_position={per_position} {shape}: "
           f"worst relative error {max(errors):.3g}")
     assert max(errors) < 1e-13
+
+
+@requires_numba()
+@pytest.mark.parametrize("kind", ["SQUARED", "CHARBONNIER"])
+@pytest.mark.parametrize("per_position", [False, True])
+def test_numba_matches_numpy_over_steps(dtype, kind, per_position):
+    # Two forward/backward passes on one layer: the first sets R from the
+    # batch (the reference runs it), the second runs the kernels with that
+    # R; R's diff accumulates across both.
+    def steps(engine):
+        netlite.set_cpu_engine(engine)
+        layer = ring_layer(
+            f"ring_loss_param {{ type: {kind} radius_from_first_batch: true }} "
+            f"loss_param {{ per_position: {str(per_position).lower()} }}", dtype)
+        x = features((64, 1000), dtype, seed=5)
+        top = Blob(dtype=dtype)
+        layer.setup([x], [top])
+        out = []
+        for _ in range(2):
+            x.data[...] *= 1.5  # the norms move away from R
+            out.append(layer.forward([x], [top]))
+            out.append(top.data.copy())
+            layer.backward([top], [True], [x])
+            out.append(x.diff.copy())
+        return out + [layer.blobs[0].data.copy(), layer.blobs[0].diff.copy()]
+
+    for j, (a, b) in enumerate(zip(steps("numpy"), steps("numba"))):
+        assert_close(b, a, "parity", dtype, f"output {j}")

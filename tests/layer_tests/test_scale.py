@@ -10,7 +10,7 @@ import naive
 import numpy as np
 import pytest
 from layer_test_case import LayerTestCase
-from layer_testing import assert_close, filler, make_blob
+from layer_testing import assert_close, filler, make_blob, requires_numba
 
 import netlite
 from netlite import Blob, GradientChecker, LayerSetupError, ShapeError
@@ -53,7 +53,22 @@ class TestScaleLayer(LayerTestCase):
         "bottom_end": {"axis": 2, "operand": (2, 2)},
         "bottom_scalar": {"axis": 2, "operand": ()},
         "bottom_bias": {"axis": 1, "operand": (3, 2), "bias_term": True},
+        # Above PARALLEL_MIN_ELEMENTS (the threaded kernels); parity only.
+        "large_scalar": {"shape": (64, 1000), "axis": 0, "num_axes": 0},
+        "large_rows_bias": {"shape": (64, 1000), "axis": 1, "bias_term": True},
+        "large_rows_clamp": {"shape": (64, 1000), "axis": 1,
+                             "clamp": "min_value: -0.5 max_value: 0.5"},
+        "large_runs": {"shape": (64, 8, 128), "axis": 1},
+        "large_bottom_scalar": {"shape": (64, 1000), "axis": 0, "operand": ()},
+        "large_bottom_runs": {"shape": (64, 8, 128), "axis": 0, "operand": (64,)},
+        "large_bottom_eltwise": {"shape": (64, 1000), "axis": 0,
+                                 "operand": (64, 1000)},
     }
+
+    def applies(self, test_name, case):
+        if case.startswith("large") and not test_name.startswith("test_engine_parity"):
+            return False
+        return super().applies(test_name, case)
 
     @property
     def layer(self):
@@ -565,3 +580,56 @@ def test_normface_bound_is_reached_by_a_simplex():
 def test_bound_arguments_checked(call):
     with pytest.raises(ValueError, match="needs num_classes"):
         call()
+
+
+# ------------------------------------------------------------ Numba engine
+def _in_place_run(engine, text, x, operand, dy, dtype):
+    """Forward and backward in place on ``engine``: y, dx and the scale's
+    (and bias's) diffs; a learned scale's diff starts at 0.5 (it must
+    accumulate)."""
+    netlite.set_cpu_engine(engine)
+    netlite.set_random_seed(1701)
+    layer = netlite.create_layer(f'name: "s" type: "Scale" {text}', dtype=dtype)
+    xb = make_blob(x.shape, dtype, x)
+    bottom = [xb] if operand is None else [xb, make_blob(operand.shape, dtype, operand)]
+    layer.setup(bottom, [xb])
+    layer.forward(bottom, [xb])
+    y = xb.data.copy()
+    for p in layer.blobs:
+        p.diff[...] = 0.5
+    xb.diff[...] = dy
+    layer.backward([xb], [True] * len(bottom), bottom)
+    return [y, xb.diff.copy()] + [b.diff.copy() for b in bottom[1:]] + [
+        p.diff.copy() for p in layer.blobs]
+
+
+@requires_numba()
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("text, operand", [
+    ('scale_param { num_axes: 0 filler { type: "gaussian" } }', None),
+    ('scale_param { axis: 1 bias_term: true filler { type: "gaussian" } '
+     'bias_filler { type: "gaussian" } }', None),
+    ('scale_param { axis: 1 min_value: -0.5 max_value: 0.5 '
+     'filler { type: "gaussian" } }', None),
+    ("scale_param { axis: 0 }", "scalar"),
+    ("scale_param { axis: 0 }", "outer"),
+], ids=["learned_scalar", "rows_bias", "rows_clamp", "bottom_scalar", "bottom_runs"])
+def test_numba_in_place_matches_numpy(dtype, size, text, operand):
+    # In place the adapter keeps its own copy of x for the scale gradient;
+    # y and dx are the reference's products bit for bit, the scale diff a
+    # float64-accumulated sum (parity tolerance).
+    shape = (4, 6, 5) if size == "small" else (64, 8, 128)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    if operand == "scalar":
+        operand = np.array(rng.standard_normal())
+    elif operand == "outer":
+        operand = rng.standard_normal(shape[:1])
+    ref = _in_place_run("numpy", text, x, operand, dy, dtype)
+    got = _in_place_run("numba", text, x, operand, dy, dtype)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    assert len(got) == len(ref) > 2
+    for j, (a, b) in enumerate(zip(ref[2:], got[2:])):
+        assert_close(b, a, "parity", dtype, f"diff {j}")
