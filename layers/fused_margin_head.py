@@ -82,7 +82,7 @@ class FusedMarginHeadLayer(Layer):
         self.first = self.last = -1
         self.bottom_vec, self.top_vec, self.propagate_down = [], [], []
         self.ran_fused = False
-        self.state = None
+        self.needs_backward = True
 
     @classmethod
     def from_chain(cls, net, ids):
@@ -105,6 +105,7 @@ class FusedMarginHeadLayer(Layer):
         head.propagate_down = ([net.bottom_need_backward[ids[0]][0]]
                                + [False] * (len(head.bottom_vec) - 1))
         head.loss_weights = list(loss[0].loss_weights)
+        head.needs_backward = any(net.layer_need_backward[i] for i in ids)
         head.dtype, head.xp = fc.dtype, fc.xp
         # The N x C blobs the fused computation does without.
         for _, blob in head.intermediates():
@@ -240,6 +241,51 @@ class FusedMarginHeadLayer(Layer):
         g = top[0].diff.reshape(()) / dt.type(loss.normalizer(loss.valid_count))
         state.g = xp.where(state.lcol >= 0, g, dt.type(0)).astype(dt)
         return state.g
+
+    def gradient_terms(self, state, rmax, inv_nu, u=None):
+        """The backward's O(N) terms, with ``G = diag(alpha) E + S``.
+
+        ``E = exp(s cos - rmax) / nu`` off the margin's column (0 on it), as
+        the forward kernels leave it; ``S`` holds the loss's column (``-g s /
+        nu``) and the margin's (``s g (p - [y = m]) f / nu``) of each row.
+
+        Returns ``(alpha, rows, cols, sigma, ds)``: ``alpha`` (N,) and
+        ``sigma`` in the dtype, ``S``'s entries at ``(rows, cols)``, and the
+        scale's gradient ``sum dl z`` (float) when ``u`` (N,), ``sum exp(s
+        cos - rmax) cos`` off the margin's column, is given (else None).
+        """
+        xp, dt = self.xp, self.dtype
+        s, g, lse = float(state.s), state.g.astype(xp.float64), state.lse
+        with np.errstate(invalid="ignore"):  # rmax = lse = -inf: no column
+            shift = xp.where(xp.isfinite(rmax), xp.exp(rmax - lse), 0.0)
+        alpha = g * s * shift
+        lcol, mcol, mrows, mcols = state.lcol, state.mcol, state.mrows, state.mcols
+        rows_l = xp.nonzero((lcol >= 0) & (lcol != mcol))[0]
+        cols_l = lcol[rows_l]
+        sig_l = -g[rows_l] * s * inv_nu[cols_l]
+        logit = (state.v.astype(dt) * state.s).astype(xp.float64)
+        p_t = xp.exp(logit - lse[mrows])
+        hit = lcol[mrows] == mcols
+        dl = g[mrows] * (p_t - hit)
+        sig_m = (s * dl * state.factor) * inv_nu[mcols]
+        rows = xp.concatenate([rows_l, mrows])
+        cols = xp.concatenate([cols_l, mcols])
+        sigma = xp.concatenate([sig_l, sig_m]).astype(dt)
+        ds = None
+        if u is not None:
+            # sum_c dl z = g (sum_c p z - z at the label), per row.
+            valid = xp.nonzero(lcol >= 0)[0]
+            z_label = state.z[valid, lcol[valid]].astype(xp.float64)
+            if mrows.size:  # the label's z carries the margin there
+                slot = xp.full(lcol.shape, -1)
+                slot[mrows] = xp.arange(mrows.size)
+                z_label = xp.where(mcol[valid] == lcol[valid],
+                                   state.v[xp.maximum(slot[valid], 0)], z_label)
+            total = g * shift * u
+            total[mrows] += g[mrows] * p_t * state.v
+            total[valid] -= g[valid] * z_label
+            ds = float(total.sum())
+        return alpha.astype(dt), rows, cols, sigma, ds
 
     def defer_forward(self, state):
         """Defer the data of every intermediate blob to ``state``."""

@@ -11,12 +11,12 @@ docs/layers/fused_margin_head.md, appendix "The Numba kernels".
 * ``_cosine_rows`` -- ``cos = A / nu`` in place over the GEMM's output, and
   per row the max and the sum of ``exp(s cos - max)`` over every column but
   the margin's (online, block by block), float64.
-* ``_gradient_rows`` -- ``G = dcos / nu`` over the cosines, with the column
-  sums ``r_c = sum_n dcos cos`` (one float64 row per thread) and the scale's
-  ``sum dl z``; the loss's class and the margin's class of each row are
-  handled one element each, outside the vectorised spans.
-* ``_weight_rows`` -- ``dW += T - q W`` for one block of weight rows, ``T``
-  the block of ``G^T x``.
+  Then, while the row is in the L2 cache, ``E = exp(s cos - max) / nu``
+  (0 on the margin's column), from which the backward's GEMMs take
+  ``G = diag(alpha) E + S`` (``S``: the loss's and the margin's columns, at
+  most two per row) without another pass.
+* ``_weight_rows`` -- ``dW += T - (w . T / nu^2) W`` for one block of weight
+  rows, ``T`` the block of ``G^T x``.
 """
 
 import math
@@ -31,7 +31,6 @@ from netlite.layers.inner_product import WEIGHT_NORM_EPS
 from netlite.layers.normalize_numba import norm_from_sum, normalize_fwd
 from netlite.layers.softmax_numba import (
     BLOCK,
-    PARALLEL_MIN_ELEMENTS,
     cast_like,
     exp_nonpos,
     num_chunks,
@@ -58,7 +57,8 @@ def _weight_norm_rows(w, nu, rows, k, eps, buf):
             nu[i] = norm_from_sum(row_dot(wr, wr, b), eps, True, b[0])
 
 
-def _cosine_rows(z, inv_nu, mcol, s, rmax, rsum, n, c, buf):
+def _cosine_rows(z, inv_nu, mcol, s, rmax, rsum, e, u, want_e, want_u, n, c,
+                 buf):
     nchunks = buf.shape[0]
     for t in prange(nchunks):
         b = buf[t]
@@ -95,92 +95,37 @@ def _cosine_rows(z, inv_nu, mcol, s, rmax, rsum, n, c, buf):
                     total += sb * math.exp(mb64 - m)
             rmax[i] = m
             rsum[i] = total
-
-
-@njit(inline="always")
-def _gradient_span(zr, gr, inv_nu, a, e, s, lse, gi):
-    # Columns a .. e-1, none of them the row's loss or margin class:
-    # dl = g p, dcos = s dl, G = dcos / nu; lse in the blobs' dtype (float32
-    # arithmetic vectorises; its rounding moves p by < 1e-5 relative).
-    for j in range(a, e):
-        dc = s * (gi * exp_nonpos(s * zr[j] - lse))
-        gr[j] = dc * inv_nu[j]
+            if want_e:  # the row is still in the L2 cache
+                _exponentials(zr, e[i * c:(i + 1) * c], inv_nu, mc, s, m, b, u,
+                              i, want_u)
 
 
 @njit
-def _scale_gradient(zr, gr, inv_nu, s, b):
-    # sum_j dl_j z_j over the row with dl = G nu / s (the scale's gradient;
-    # the caller corrects the loss's and the margin's columns).
+def _exponentials(zr, er, inv_nu, mc, s, m, b, u, i, want_u):
+    # E = exp(s z - m) / nu off the margin column (0 on it), and with want_u
+    # u_i = sum exp(s z - m) z over the same columns (the scale's gradient).
+    if m == -np.inf:  # no column but the margin's
+        er[:] = 0
+        u[i] = 0.0
+        return
+    mt = cast_like(m, s)  # exact: m is the max of values in the dtype
+    for j in range(zr.size):
+        er[j] = exp_nonpos(s * zr[j] - mt) * inv_nu[j]
+    if mc >= 0:
+        er[mc] = 0
+    if not want_u:
+        return
     width = b.size
     total = 0.0
     for start in range(0, zr.size, width):
         nb = min(width, zr.size - start)
-        zs = zr[start:start + nb]
-        gs = gr[start:start + nb]
-        ns = inv_nu[start:start + nb]
+        seg = zr[start:start + nb]
         for j in range(nb):
-            b[j] = gs[j] / ns[j] * zs[j]
+            b[j] = exp_nonpos(s * seg[j] - mt) * seg[j]
+        if start <= mc < start + nb:
+            b[mc - start] = 0
         total += np.float64(tree_sum(b, nb))
-    return total / np.float64(s)
-
-
-@njit(inline="always")
-def _scaled(gj, inv_j, zj, s):
-    return np.float64(gj / inv_j * zj) / np.float64(s)
-
-
-def _gradient_rows(z, grad, inv_nu, mcol, lcol, s, lse, g, vrow, frow, ds,
-                   want_ds, n, c, buf):
-    nchunks = buf.shape[0]
-    for t in prange(nchunks):
-        b = buf[t]
-        acc = 0.0
-        for i in range(t * n // nchunks, (t + 1) * n // nchunks):
-            zr = z[i * c:(i + 1) * c]
-            gr = grad[i * c:(i + 1) * c]
-            mc, lc, gi, li = mcol[i], lcol[i], g[i], lse[i]
-            lt = cast_like(li, gi)
-            lo = min(mc, lc)
-            hi = max(mc, lc)
-            # Spans between the special columns (-1 means none).
-            if lo < 0:
-                lo = hi
-                hi = -1
-            if lo < 0:
-                _gradient_span(zr, gr, inv_nu, 0, c, s, lt, gi)
-            elif hi < 0 or hi == lo:
-                _gradient_span(zr, gr, inv_nu, 0, lo, s, lt, gi)
-                _gradient_span(zr, gr, inv_nu, lo + 1, c, s, lt, gi)
-            else:
-                _gradient_span(zr, gr, inv_nu, 0, lo, s, lt, gi)
-                _gradient_span(zr, gr, inv_nu, lo + 1, hi, s, lt, gi)
-                _gradient_span(zr, gr, inv_nu, hi + 1, c, s, lt, gi)
-            one = cast_like(1.0, gi)
-            # The special columns: their G now, their dl z for the scale.
-            special = 0.0
-            if lc >= 0 and lc != mc:  # the loss's class, no margin on it
-                zj = zr[lc]
-                p = exp_nonpos(cast_like(np.float64(s * zj) - li, zj))
-                dl = (p - one) * gi
-                gr[lc] = (s * dl) * inv_nu[lc]
-                special += np.float64(dl) * np.float64(zj)
-            if mc >= 0:  # the margin's class: z = psi(cos), slope f
-                zv = cast_like(vrow[i], gi)
-                p = exp_nonpos(cast_like(np.float64(s * zv) - li, zv))
-                dl = (p - one) * gi if lc == mc else p * gi
-                dcos = cast_like(np.float64(s * dl) * frow[i], gi)
-                gr[mc] = dcos * inv_nu[mc]
-                special += np.float64(dl) * np.float64(zv)
-            if want_ds:
-                # Every column as _scale_gradient reads it, less the special
-                # ones (whose G is not s dl / nu), plus their true dl z.
-                total = _scale_gradient(zr, gr, inv_nu, s, b)
-                if lc >= 0:
-                    total -= _scaled(gr[lc], inv_nu[lc], zr[lc], s)
-                if mc >= 0 and mc != lc:
-                    total -= _scaled(gr[mc], inv_nu[mc], zr[mc], s)
-                acc += total + special
-        ds[t] = acc
+    u[i] = total
 
 
 def _weight_rows(wd, w, tmp, nu, c0, nb, k, fold, buf):
@@ -204,6 +149,18 @@ def _weight_rows(wd, w, tmp, nu, c0, nb, k, fold, buf):
                     dr[j] += tr[j]
 
 
+@njit
+def _add_rows(dst, at, src, take, coef, offset):
+    """``dst[at[i] - offset] += coef[i] * src[take[i]]`` row by row (the
+    sparse part ``S`` of the gradient; a few rows per call)."""
+    for i in range(at.size):
+        d = dst[at[i] - offset]
+        v = src[take[i]]
+        ci = coef[i]
+        for j in range(d.size):
+            d[j] += ci * v[j]
+
+
 # --------------------------------------------------------------------- API
 def weight_norms(w, nu, eps, parallel, buf):
     """``nu_c = sqrt(sum_k w_ck^2 + eps)`` for the rows of flat ``w``
@@ -216,8 +173,9 @@ def weight_norms(w, nu, eps, parallel, buf):
 # ----------------------------------------------------------------- adapter
 class FusedMarginHeadNumba(EngineAdapter):
     """A FusedMarginHead on the Numba engine: owns the cosines ``z`` and the
-    GEMM-ready gradient ``grad`` (the two N x C arrays), the weight norms
-    and their inverses, the kernels' scratch and the weight GEMM's block.
+    exponentials ``e`` (the two N x C arrays), the weight norms and their
+    inverses, the row statistics, the kernels' scratch, the row-scaled
+    features and the weight GEMM's block.
 
     The kernels run on one thread (:data:`PARALLEL`): between BLAS calls a
     second thread would share its core with OpenBLAS's spinning worker
@@ -225,28 +183,25 @@ class FusedMarginHeadNumba(EngineAdapter):
 
     def __init__(self, layer):
         super().__init__(layer)
-        self.z = self.grad = self.nu = self.inv_nu = self.tmp = None
-        self.buf = self.ds = None
-        self.rmax = self.rsum = None
+        self.z = self.e = self.nu = self.inv_nu = self.tmp = self.xs = None
+        self.buf = self.rmax = self.rsum = self.u = None
         self.state = None
 
     def _workspace(self, n, c, k, dtype):
         if self.z is None or self.z.shape != (n, c) or self.z.dtype != dtype:
             self.z = np.empty((n, c), dtype=dtype)
-            self.grad = np.empty((n, c), dtype=dtype)
+            self.e = np.empty((n, c), dtype=dtype)
             self.nu = np.empty(c, dtype=dtype)
             self.inv_nu = np.empty(c, dtype=dtype)
-            self.rmax, self.rsum = np.empty(n), np.empty(n)
+            self.rmax, self.rsum, self.u = np.empty(n), np.empty(n), np.zeros(n)
             rows = max(1, min(c, WEIGHT_BLOCK_BYTES // (k * dtype.itemsize)))
             self.tmp = np.empty((rows, k), dtype=dtype)
-        nchunks = num_chunks(PARALLEL, n)
-        if self.buf is None or self.buf.shape[0] != nchunks or self.buf.dtype != dtype:
-            self.buf = scratch(dtype, nchunks, BLOCK)[0]
-            self.ds = np.empty(nchunks)
+            self.xs = np.empty((n, k), dtype=dtype)
+            self.buf = scratch(dtype, num_chunks(PARALLEL, n), BLOCK)[0]
 
     def forward(self, bottom, top):
         head = self.layer
-        fc = head.layer("fc")
+        fc, scale = head.layer("fc"), head.layer("scale")
         w = fc.blobs[0].data
         c, k = w.shape
         x = bottom[0].data.reshape(-1, k)
@@ -262,8 +217,11 @@ class FusedMarginHeadNumba(EngineAdapter):
             self.inv_nu[...] = 1
         np.matmul(x, w.T, out=self.z)
         state = HeadState(self.z, head.scale_value(), head.columns(np))
-        build(_cosine_rows, PARALLEL)(self.z.reshape(-1), self.inv_nu, state.mcol,
-                                      state.s, self.rmax, self.rsum, n, c, self.buf)
+        want_u = scale is not None and scale.propagates_param(0)
+        build(_cosine_rows, PARALLEL)(
+            self.z.reshape(-1), self.inv_nu, state.mcol, state.s, self.rmax,
+            self.rsum, self.e.reshape(-1), self.u, head.needs_backward, want_u, n,
+            c, self.buf)
         if not head.finish_forward(state, self.rmax, self.rsum, top):
             head.forward_cpu(bottom, top)  # the layers raise the reference's error
             head.ran_fused = False
@@ -277,33 +235,38 @@ class FusedMarginHeadNumba(EngineAdapter):
         fc, scale = head.layer("fc"), head.layer("scale")
         want_s = scale is not None and scale.propagates_param(0)
         w = fc.blobs[0].data
-        c, k = w.shape
-        x = bottom[0].data.reshape(-1, k)
-        n = x.shape[0]
-        g = head.row_gradient_scale(st, top)
-        vrow, frow = np.zeros(n), np.ones(n)
-        vrow[st.mrows], frow[st.mrows] = st.v, st.factor
-        build(_gradient_rows, PARALLEL)(
-            self.z.reshape(-1), self.grad.reshape(-1), self.inv_nu, st.mcol,
-            st.lcol, st.s, st.lse, g, vrow, frow, self.ds, want_s, n, c, self.buf)
+        x = bottom[0].data.reshape(-1, w.shape[1])
+        head.row_gradient_scale(st, top)
+        alpha, rows, cols, sigma, ds = head.gradient_terms(
+            st, self.rmax, self.inv_nu, self.u if want_s else None)
         if propagate_down[0]:
-            np.matmul(self.grad, w, out=bottom[0].diff.reshape(n, k))
+            # dx = G W with G = diag(alpha) E + S.
+            dx = bottom[0].diff.reshape(x.shape)
+            np.matmul(self.e, w, out=dx)
+            dx *= alpha[:, None]
+            _add_rows(dx, rows, w, cols, sigma, 0)
         if fc.propagates_param(0):
-            self._weight_gradient(fc, x)
+            np.multiply(x, alpha[:, None], out=self.xs)
+            self._weight_gradient(fc, x, rows, cols, sigma)
         if want_s:
             sd = scale.blobs[0].diff
-            sd += sd.dtype.type(self.ds.sum())
+            sd += sd.dtype.type(ds)
         head.defer_backward(st)
 
-    def _weight_gradient(self, fc, x):
-        # dW += T - diag(w . T / nu^2) W with T = G^T x, block by block.
+    def _weight_gradient(self, fc, x, rows, cols, sigma):
+        # T = G^T x = E^T (alpha x) + S^T x, block by block of weight rows;
+        # then dW += T - diag(w . T / nu^2) W.
         w, wd = fc.blobs[0].data, fc.blobs[0].diff
         c, k = w.shape
-        rows = self.tmp.shape[0]
+        order = np.argsort(cols, kind="stable")
+        rows, cols, sigma = rows[order], cols[order], sigma[order]
+        size = self.tmp.shape[0]
         kernel = build(_weight_rows, PARALLEL)
-        for c0 in range(0, c, rows):
-            nb = min(rows, c - c0)
+        for c0 in range(0, c, size):
+            nb = min(size, c - c0)
             tmp = self.tmp[:nb]
-            np.matmul(self.grad[:, c0:c0 + nb].T, x, out=tmp)
+            np.matmul(self.e[:, c0:c0 + nb].T, self.xs, out=tmp)
+            lo, hi = np.searchsorted(cols, (c0, c0 + nb))
+            _add_rows(tmp, cols[lo:hi], x, rows[lo:hi], sigma[lo:hi], c0)
             kernel(wd.reshape(-1), w.reshape(-1), tmp.reshape(-1), self.nu, c0, nb,
                    k, fc.true_gradient, self.buf)
