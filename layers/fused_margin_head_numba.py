@@ -34,6 +34,7 @@ from netlite.layers.softmax_numba import (
     cast_like,
     exp_nonpos,
     num_chunks,
+    parallel_for,
     row_dot,
     scratch,
     tree_max,
@@ -43,8 +44,6 @@ from netlite.layers.softmax_numba import (
 #: The weight gradient's GEMM runs over blocks of weight rows whose product
 #: takes at most this many bytes (the only workspace beyond O(N + C)).
 WEIGHT_BLOCK_BYTES = 1 << 20
-#: The kernels' build: single-threaded (see FusedMarginHeadNumba).
-PARALLEL = False
 
 
 # ------------------------------------------------------------------ kernels
@@ -177,14 +176,16 @@ class FusedMarginHeadNumba(EngineAdapter):
     inverses, the row statistics, the kernels' scratch, the row-scaled
     features and the weight GEMM's block.
 
-    The kernels run on one thread (:data:`PARALLEL`): between BLAS calls a
-    second thread would share its core with OpenBLAS's spinning worker
-    (appendix "Threads")."""
+    The kernels take their multi-threaded builds only for passes of at
+    least ``PARALLEL_MIN_ELEMENTS`` (:func:`parallel_for`): between BLAS
+    calls a parallel region shares its cores with OpenBLAS's spinning
+    workers."""
 
     def __init__(self, layer):
         super().__init__(layer)
         self.z = self.e = self.nu = self.inv_nu = self.tmp = self.xs = None
         self.buf = self.rmax = self.rsum = self.u = None
+        self.parallel = False
         self.state = None
 
     def _workspace(self, n, c, k, dtype):
@@ -197,7 +198,8 @@ class FusedMarginHeadNumba(EngineAdapter):
             rows = max(1, min(c, WEIGHT_BLOCK_BYTES // (k * dtype.itemsize)))
             self.tmp = np.empty((rows, k), dtype=dtype)
             self.xs = np.empty((n, k), dtype=dtype)
-            self.buf = scratch(dtype, num_chunks(PARALLEL, n), BLOCK)[0]
+            self.parallel = parallel_for(n * c)
+            self.buf = scratch(dtype, num_chunks(self.parallel, n), BLOCK)[0]
 
     def forward(self, bottom, top):
         head = self.layer
@@ -209,16 +211,16 @@ class FusedMarginHeadNumba(EngineAdapter):
         self._workspace(n, c, k, x.dtype)
         flat = w.reshape(-1)
         if fc.true_gradient:
-            weight_norms(flat, self.nu, WEIGHT_NORM_EPS, PARALLEL, self.buf)
+            weight_norms(flat, self.nu, WEIGHT_NORM_EPS, self.parallel, self.buf)
             np.divide(1, self.nu, out=self.inv_nu)
         else:  # RENORM_INPLACE: the blob itself becomes W / nu
             normalize_fwd(flat, flat, self.nu, c, k, 1, WEIGHT_NORM_EPS, True,
-                          PARALLEL)
+                          self.parallel)
             self.inv_nu[...] = 1
         np.matmul(x, w.T, out=self.z)
         state = HeadState(self.z, head.scale_value(), head.columns(np))
         want_u = scale is not None and scale.propagates_param(0)
-        build(_cosine_rows, PARALLEL)(
+        build(_cosine_rows, self.parallel)(
             self.z.reshape(-1), self.inv_nu, state.mcol, state.s, self.rmax,
             self.rsum, self.e.reshape(-1), self.u, head.needs_backward, want_u, n,
             c, self.buf)
@@ -261,7 +263,7 @@ class FusedMarginHeadNumba(EngineAdapter):
         order = np.argsort(cols, kind="stable")
         rows, cols, sigma = rows[order], cols[order], sigma[order]
         size = self.tmp.shape[0]
-        kernel = build(_weight_rows, PARALLEL)
+        kernel = build(_weight_rows, self.parallel)
         for c0 in range(0, c, size):
             nb = min(size, c - c0)
             tmp = self.tmp[:nb]

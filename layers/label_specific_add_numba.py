@@ -37,7 +37,7 @@ from numba import prange
 from netlite.jit import build
 from netlite.layer import EngineAdapter
 from netlite.layers._additive_margin import check_finite, margin_rows
-from netlite.layers.softmax_numba import BLOCK, PARALLEL_MIN_ELEMENTS, num_chunks
+from netlite.layers.softmax_numba import BLOCK, num_chunks, parallel_for
 
 
 # ------------------------------------------------------------------ kernels
@@ -85,7 +85,7 @@ def _copy_flat(src, dst, nchunks):
 # ---------------------------------------------------------------------- API
 def chunks_for(count):
     """``(parallel, nchunks)`` for a pass over ``count`` elements."""
-    parallel = count >= PARALLEL_MIN_ELEMENTS
+    parallel = parallel_for(count)
     return parallel, num_chunks(parallel, max(1, count // BLOCK))
 
 

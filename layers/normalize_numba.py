@@ -44,8 +44,8 @@ from numba import prange
 from netlite.jit import build, njit
 from netlite.layer import EngineAdapter
 from netlite.layers.softmax_numba import (
-    PARALLEL_MIN_ELEMENTS,
     cast_like,
+    parallel_for,
     row_dot,
     scratch,
     scratch_shape,
@@ -276,7 +276,7 @@ class NormalizeNumba(EngineAdapter):
         norm = self._norm(top, x.dtype, outer * inner)
         self.buffers = normalize_fwd(
             x, y, norm, outer, c, inner, layer.eps, layer.l2,
-            bottom[0].count >= PARALLEL_MIN_ELEMENTS, self.buffers)
+            parallel_for(bottom[0].count), self.buffers)
         bad = ~np.isfinite(norm)
         if bad.any():
             # The positions with a non-finite norm still hold x.
@@ -301,4 +301,4 @@ class NormalizeNumba(EngineAdapter):
         self.buffers = normalize_bwd(
             y, top[0].flat_diff, norm, h, bottom[0].flat_diff, outer, c, inner,
             layer.l2, layer.fix_gradient, layer.bp_norm,
-            bottom[0].count >= PARALLEL_MIN_ELEMENTS, self.buffers)
+            parallel_for(bottom[0].count), self.buffers)

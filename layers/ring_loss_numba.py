@@ -37,9 +37,9 @@ from netlite.layer import TRAIN, EngineAdapter
 from netlite.layers.ring_loss import CHARBONNIER
 from netlite.layers.softmax_numba import (
     BLOCK,
-    PARALLEL_MIN_ELEMENTS,
     cast_like,
     num_chunks,
+    parallel_for,
     row_dot,
 )
 
@@ -72,7 +72,7 @@ def ring_norms(x, norm, num, dim, buf=None):
     flat ``x`` (``norm`` of ``x``'s dtype).  ``buf`` is the scratch from an
     earlier call (reallocated when missing or of the wrong shape or dtype);
     returns it."""
-    parallel = x.size >= PARALLEL_MIN_ELEMENTS
+    parallel = parallel_for(x.size)
     nchunks = num_chunks(parallel, num)
     if buf is None or buf.shape[0] != nchunks or buf.dtype != x.dtype:
         buf = np.empty((nchunks, BLOCK), dtype=x.dtype)
@@ -82,7 +82,7 @@ def ring_norms(x, norm, num, dim, buf=None):
 
 def ring_bwd(x, norm, coef, dx, num, dim, tiny):
     """``dx[i, :] = coef[i] * (x[i, :] / max(norm[i], tiny))``."""
-    parallel = x.size >= PARALLEL_MIN_ELEMENTS
+    parallel = parallel_for(x.size)
     nchunks = num_chunks(parallel, num)
     build(_ring_bwd, parallel)(x, norm, coef, dx, num, dim, tiny, nchunks)
 

@@ -34,7 +34,7 @@ from numba import prange
 
 from netlite.jit import build, njit
 from netlite.layer import EngineAdapter
-from netlite.layers.softmax_numba import BLOCK, PARALLEL_MIN_ELEMENTS, num_chunks
+from netlite.layers.softmax_numba import BLOCK, num_chunks, parallel_for
 
 
 # ------------------------------------------------------------ scalar helpers
@@ -193,7 +193,7 @@ def scale_fwd(x, s, y, saved, outer, d, inner, in_place):
     may be None).
     """
     count = x.size
-    parallel = count >= PARALLEL_MIN_ELEMENTS
+    parallel = parallel_for(count)
     if saved is None:
         saved = y
     if inner == 1:
@@ -218,7 +218,7 @@ def scale_bwd(x, s, dy, dx, outer, d, inner, want_ds, want_dx, in_place,
     gradient.
     """
     count = x.size
-    parallel = count >= PARALLEL_MIN_ELEMENTS
+    parallel = parallel_for(count)
     work = outer if inner == 1 else max(1, count // BLOCK)
     nchunks = num_chunks(parallel, work)
     if buffers is None or buffers[0].shape != (nchunks, d):

@@ -38,10 +38,10 @@ from netlite.layer import EngineAdapter
 from netlite.layers._labels import FLT_MIN, IGNORED, NOT_INTEGER, OUT_OF_RANGE
 from netlite.layers.softmax_numba import (
     BLOCK,
-    PARALLEL_MIN_ELEMENTS,
     cast_like,
     exp_nonpos,
     num_chunks,
+    parallel_for,
     row_exp_sum,
     row_max,
     row_max_sumexp,
@@ -385,7 +385,7 @@ class SoftmaxWithLossNumba(EngineAdapter):
 
     def forward(self, bottom, top):
         layer, ws, x = self.layer, self.workspace, bottom[0]
-        self.parallel = x.count >= PARALLEL_MIN_ELEMENTS
+        self.parallel = parallel_for(x.count)
         ws.prepare(layer.outer, layer.channels, layer.inner, self.parallel)
         # Keeping prob costs a write and a read of it but saves the backward
         # an exponential per element: worth it while prob stays in cache.

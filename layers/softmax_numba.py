@@ -39,6 +39,7 @@ Design
 """
 
 import math
+import os
 
 import numba
 import numpy as np
@@ -49,9 +50,21 @@ from numba.extending import intrinsic, overload
 from netlite.jit import build, njit
 from netlite.layer import EngineAdapter
 
-#: Problems with fewer elements than this run the single-threaded kernels:
-#: waking the thread pool costs more than the work saves.
-PARALLEL_MIN_ELEMENTS = 1 << 15
+#: Problems with fewer elements than this run the single-threaded kernels
+#: (``NETLITE_PARALLEL_MIN_ELEMENTS`` overrides it).  A parallel region
+#: that follows a BLAS call shares its cores with OpenBLAS's spinning
+#: workers (and BLAS with Numba's, after it), and one scheduler time slice
+#: lost that way (a few ms) outweighs what two threads save on a pass of
+#: less than ~10 ms: on the 2-core machine a margin head's chain of layers
+#: took 128 ms per step with the former 2**15 and 62 ms with every pass
+#: single-threaded (docs/engine/backends.md, "Threads").
+PARALLEL_MIN_ELEMENTS = int(os.environ.get("NETLITE_PARALLEL_MIN_ELEMENTS", 1 << 22))
+
+
+def parallel_for(count):
+    """Whether a pass over ``count`` elements takes the multi-threaded
+    build (``count >= PARALLEL_MIN_ELEMENTS``, read at call time)."""
+    return count >= PARALLEL_MIN_ELEMENTS
 
 #: Length of the scratch block used by the row kernels (fits in L1).
 BLOCK = 1024
@@ -491,7 +504,7 @@ class SoftmaxNumba(EngineAdapter):
             return
         self.buffers = softmax_fwd(
             bottom[0].flat_data, top[0].flat_data, layer.outer, layer.channels,
-            layer.inner, bottom[0].count >= PARALLEL_MIN_ELEMENTS, self.buffers,
+            layer.inner, parallel_for(bottom[0].count), self.buffers,
         )
 
     def backward(self, top, propagate_down, bottom):
@@ -501,5 +514,5 @@ class SoftmaxNumba(EngineAdapter):
         self.buffers = softmax_bwd(
             top[0].flat_data, top[0].flat_diff, bottom[0].flat_diff, layer.outer,
             layer.channels, layer.inner, False,
-            bottom[0].count >= PARALLEL_MIN_ELEMENTS, self.buffers,
+            parallel_for(bottom[0].count), self.buffers,
         )

@@ -401,3 +401,20 @@ def test_a_bad_label_raises_the_layers_error():
             net.forward()
         messages.append(str(info.value))
     assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("margin", ["arc", None])
+def test_threaded_kernels_equal_the_chain(margin):
+    # 64 x 600 = 38400 cosines: above the tests' threshold of the kernels'
+    # multi-threaded builds (conftest.py), on several threads when there are.
+    global N, C
+    n_c = (N, C)
+    N, C = 64, 600
+    try:
+        text = head_net(margin=margin, scale_param="lr_mult: 1")
+        net, fused = run(text, True)
+        assert net.fused_heads()[0].adapter("numba").parallel
+        _, plain = run(text, False)
+        assert_same(fused, plain, np.float64)
+    finally:
+        N, C = n_c
