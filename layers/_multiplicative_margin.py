@@ -141,6 +141,24 @@ def psi(xp, m, c):
     return sign * t - 2 * k.astype(c.dtype), sign * dt
 
 
+def margin_target(xp, m, lam, z_t, length, denom):
+    """The target logits with the margin, and what the backward needs.
+
+    ``c = z_t / denom``, ``psi_m(c)`` and its slope, and the blended logit
+    ``(lam z_t + length psi_m(c)) / (1 + lam)``: L-Softmax passes ``length
+    = |x_i| |w_y|`` and the product of the clamped norms as ``denom``,
+    SphereFace ``|x_i|`` and its clamp.  The layers' forwards and the fused
+    head (fused_multiplicative_head.py) share it.
+
+    Returns
+    -------
+    logit, c, value, slope : arrays (R,)
+    """
+    c = z_t / denom
+    value, slope = psi(xp, m, c)
+    return (lam * z_t + length * value) / (1 + lam), c, value, slope
+
+
 def blend(lam, c, value, slope):
     """``(phi, phi')`` of the lambda blend ``(lam c + psi) / (1 + lam)``."""
     return (lam * c + value) / (1 + lam), (lam + slope) / (1 + lam)

@@ -8,7 +8,7 @@ from netlite.layers._multiplicative_margin import (
     EPS,
     begin_forward,
     layer_coefficients,
-    psi,
+    margin_target,
     reshape_layer,
     setup_layer,
 )
@@ -87,10 +87,9 @@ class LargeMarginInnerProductLayer(LabelledLayer):
         rows = self.rows = xp.nonzero(label >= 0)[0]
         cols = self.cols = label[rows]
         s = self.x_norm[rows] * self.w_norm[cols]  # |x_i| |w_y|
-        c = self.c = z[rows, cols] / (xp.maximum(self.x_norm[rows], EPS)
-                                      * xp.maximum(self.w_norm[cols], EPS))
-        self.value, self.slope = psi(xp, self.m, c)
-        z[rows, cols] = (lam * z[rows, cols] + s * self.value) / (1 + lam)
+        denom = xp.maximum(self.x_norm[rows], EPS) * xp.maximum(self.w_norm[cols], EPS)
+        z[rows, cols], self.c, self.value, self.slope = margin_target(
+            xp, self.m, lam, z[rows, cols], s, denom)
 
     def backward_cpu(self, top, propagate_down, bottom):
         self.check_no_label_backward(propagate_down)

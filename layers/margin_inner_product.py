@@ -9,7 +9,7 @@ from netlite.layers._multiplicative_margin import (
     EPS,
     begin_forward,
     layer_coefficients,
-    psi,
+    margin_target,
     reshape_layer,
     setup_layer,
 )
@@ -85,10 +85,9 @@ class MarginInnerProductLayer(LabelledLayer):
             return  # psi_1(c) = c: the plain inner product (lambda unused)
         rows = self.rows = xp.nonzero(label >= 0)[0]
         cols = self.cols = label[rows]
-        c = self.c = z[rows, cols] / xp.maximum(self.x_norm[rows], EPS)
-        self.value, self.slope = psi(xp, self.m, c)
-        z[rows, cols] = ((lam * z[rows, cols] + self.x_norm[rows] * self.value)
-                         / (1 + lam))
+        xn = self.x_norm[rows]
+        z[rows, cols], self.c, self.value, self.slope = margin_target(
+            xp, self.m, lam, z[rows, cols], xn, xp.maximum(xn, EPS))
 
     def backward_cpu(self, top, propagate_down, bottom):
         self.check_no_label_backward(propagate_down)
