@@ -12,7 +12,7 @@ from netlite.errors import LayerSetupError
 from netlite.layer import Layer
 from netlite.layers._additive_margin import margin_rows
 from netlite.layers._labels import FLT_MIN
-from netlite.layers.inner_product import InnerProductLayer
+from netlite.layers.inner_product import WEIGHT_NORM_EPS, InnerProductLayer
 from netlite.layers.label_specific_add import LabelSpecificAddLayer
 from netlite.layers.label_specific_margin import LabelSpecificMarginLayer
 from netlite.layers.scale import ScaleLayer
@@ -75,6 +75,8 @@ class FusedMarginHeadLayer(Layer):
     """
 
     exact_num_top_blobs = 1
+    #: Role -> the layer classes that may fill it, in chain order.
+    role_classes = ROLE_CLASSES
 
     def __init__(self, layer_param=None, **kwargs):
         super().__init__(layer_param, **kwargs)
@@ -88,8 +90,8 @@ class FusedMarginHeadLayer(Layer):
     def from_chain(cls, net, ids):
         """The head for the net's layers ``ids`` (one per role present)."""
         layers = [net.layers[i] for i in ids]
-        roles = [next(r for r in ROLES if isinstance(layer, ROLE_CLASSES[r]))
-                 for layer in layers]
+        roles = [next(r for r, kind in cls.role_classes.items()
+                      if isinstance(layer, kind)) for layer in layers]
         param = netlite_pb2.LayerParameter(
             name="+".join(layer.name for layer in layers), type="FusedMarginHead")
         fc = layers[0]
@@ -128,8 +130,8 @@ class FusedMarginHeadLayer(Layer):
         """One line for the log: the layers, their types, the engines."""
         parts = [f"{layer.name} ({layer.type})"
                  for layer, _, _ in self.links.values()]
-        return ("layers " + " -> ".join(parts) + " into one FusedMarginHead "
-                "(numba engine; netlite.set_fusion(False) or NETLITE_FUSION=0 "
+        return ("layers " + " -> ".join(parts) + f" into one {self.type} "
+                "(numba or cupy engine; netlite.set_fusion(False) or NETLITE_FUSION=0 "
                 "runs them one by one)")
 
     # ------------------------------------------------------------ contract
@@ -144,10 +146,10 @@ class FusedMarginHeadLayer(Layer):
             layer.reshape(b, t)
 
     def select_engine(self):
-        """``"numba"`` when every layer of the chain would run on Numba now,
-        else ``"numpy"`` (the layers one by one)."""
+        """``"numba"`` (``"cupy"``) when every layer of the chain would run on
+        Numba (CuPy) now, else ``"numpy"`` (the layers one by one)."""
         engines = {layer.select_engine() for layer, _, _ in self.links.values()}
-        return "numba" if engines == {"numba"} else "numpy"
+        return engines.pop() if engines in ({"numba"}, {"cupy"}) else "numpy"
 
     def fuses_now(self):
         """Whether a forward now runs the fused computation."""
@@ -181,23 +183,48 @@ class FusedMarginHeadLayer(Layer):
         if scale is None:
             return self.dtype.type(1)
         scale.clamp_learned_scale()
-        return self.dtype.type(scale.blobs[0].data.reshape(-1)[0])
+        return self.dtype.type(float(scale.blobs[0].data.reshape(-1)[0]))
 
     def columns(self, xp):
         """``(lcol, mrows, mcols, mcol)``: the loss's class per row (-1 when
         ignored), the margin rows and classes, and the margin class per row
         (-1 when none).  Bad labels raise the layers' own LabelError."""
         loss, lb, _ = self.links["loss"]
-        n, c = loss.outer, loss.channels
-        mcol = xp.full(n, -1, dtype=xp.int64)
-        mrows = mcols = xp.zeros(0, xp.int64)
-        margin = self.layer("margin")
-        if margin is not None:  # first, as in the chain
-            mb = self.links["margin"][1]
-            mrows, mcols = margin_rows(margin, mb[1], c, margin.ignore_label)
-            mcol[mrows] = mcols
+        mrows, mcols = self.margin_columns(xp, loss.channels)  # first, as in the chain
+        mcol = xp.full(loss.outer, -1, dtype=xp.int64)
+        mcol[mrows] = mcols
         lcol = loss.label_codes(lb[1]).reshape(-1).astype(xp.int64)
         return lcol, mrows, mcols, mcol
+
+    def margin_columns(self, xp, c):
+        """The rows that get a margin and their classes (the margin layer's
+        labels and ignore_label; none without a margin layer)."""
+        margin = self.layer("margin")
+        if margin is None:
+            return xp.zeros(0, xp.int64), xp.zeros(0, xp.int64)
+        mb = self.links["margin"][1]
+        return margin_rows(margin, mb[1], c, margin.ignore_label)
+
+    def target_values(self, state):
+        """``(v, factor)`` (float64) at the margin rows: the margin layer's
+        ``target_margin`` of their cosines."""
+        c = state.z[state.mrows, state.mcols].astype(self.xp.float64)
+        return self.layer("margin").target_margin(c, state.mcols)
+
+    def weight_mode(self):
+        """How the weights enter: ``("fold", eps, floor)`` -- ``nu =
+        max(sqrt(|w|^2 + eps), floor)`` folded into the cosines, with the
+        projected gradient; ``("renorm", eps, 0)`` -- the blob renormalised
+        in place, ``nu = 1``; ``("raw", 0, 0)`` -- ``nu = 1``."""
+        if self.layer("fc").true_gradient:
+            return "fold", WEIGHT_NORM_EPS, 0.0
+        return "renorm", WEIGHT_NORM_EPS, 0.0
+
+    def extra_terms(self, state, x, w, inv_nu):
+        """Gradient terms outside ``G``: ``(rows, coef_x, cols, coef_w)`` for
+        ``dx_rows += coef_x x_rows`` and ``dW_cols += coef_w w_cols``, or
+        None (none for the cosine heads)."""
+        return None
 
     def finish_forward(self, state, rmax, rsum, top):
         """From the kernel's per-row statistics of the non-margin logits
@@ -206,13 +233,11 @@ class FusedMarginHeadLayer(Layer):
         Returns False when the loss is not finite (the caller reruns the
         layers, which raise the reference's error)."""
         xp, z, dt = self.xp, state.z, self.dtype
-        margin = self.layer("margin")
         state.v, state.factor = xp.zeros(0), xp.zeros(0)
         with np.errstate(divide="ignore"):  # a row with no other column
             lse = rmax + xp.log(rsum)
-        if margin is not None and state.mrows.size:
-            c = z[state.mrows, state.mcols].astype(xp.float64)
-            state.v, state.factor = margin.target_margin(c, state.mcols)
+        if state.mrows.size:
+            state.v, state.factor = self.target_values(state)
             lt = (state.v.astype(dt) * state.s).astype(xp.float64)
             lse[state.mrows] = xp.logaddexp(lse[state.mrows], lt)
         state.lse = lse
@@ -220,7 +245,7 @@ class FusedMarginHeadLayer(Layer):
         rows = xp.nonzero(valid)[0]
         picked = z[rows, state.lcol[rows]].astype(xp.float64)
         hit = state.mcol[rows] == state.lcol[rows]
-        if margin is not None and state.mrows.size:
+        if state.mrows.size:
             slot = xp.zeros(z.shape[0], dtype=xp.int64)
             slot[state.mrows] = xp.arange(state.mrows.size)
             picked = xp.where(hit, state.v[slot[rows]], picked)
@@ -266,7 +291,7 @@ class FusedMarginHeadLayer(Layer):
         logit = (state.v.astype(dt) * state.s).astype(xp.float64)
         p_t = xp.exp(logit - lse[mrows])
         hit = lcol[mrows] == mcols
-        dl = g[mrows] * (p_t - hit)
+        dl = state.dl_margin = g[mrows] * (p_t - hit)
         sig_m = (s * dl * state.factor) * inv_nu[mcols]
         rows = xp.concatenate([rows_l, mrows])
         cols = xp.concatenate([cols_l, mcols])
@@ -287,18 +312,23 @@ class FusedMarginHeadLayer(Layer):
             ds = float(total.sum())
         return alpha.astype(dt), rows, cols, sigma, ds
 
+    def producers(self):
+        """Role -> ``(data, diff)`` producers of that layer's top."""
+        return {"fc": (cosine_data, cosine_diff), "margin": (margin_data, margin_diff),
+                "scale": (logit_data, logit_diff)}
+
     def defer_forward(self, state):
         """Defer the data of every intermediate blob to ``state``."""
-        producers = {"fc": cosine_data, "margin": margin_data, "scale": logit_data}
+        producers = self.producers()
         for role, blob in self.intermediates():
             blob.release()
-            blob.defer(data=_bind(producers[role], self, state))
+            blob.defer(data=_bind(producers[role][0], self, state))
 
     def defer_backward(self, state):
         """Defer the diff of every intermediate blob to ``state``."""
-        producers = {"fc": cosine_diff, "margin": margin_diff, "scale": logit_diff}
+        producers = self.producers()
         for role, blob in self.intermediates():
-            blob.defer(diff=_bind(producers[role], self, state))
+            blob.defer(diff=_bind(producers[role][1], self, state))
 
     # ----------------------------------------------------------- engines
     def forward_numba(self, bottom, top):
@@ -306,6 +336,12 @@ class FusedMarginHeadLayer(Layer):
 
     def backward_numba(self, top, propagate_down, bottom):
         self.adapter("numba").backward(top, propagate_down, bottom)
+
+    def forward_gpu(self, bottom, top):
+        self.adapter("cupy").forward(bottom, top)
+
+    def backward_gpu(self, top, propagate_down, bottom):
+        self.adapter("cupy").backward(top, propagate_down, bottom)
 
 
 class HeadState:

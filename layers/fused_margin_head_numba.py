@@ -27,7 +27,6 @@ from numba import prange
 from netlite.jit import build, njit
 from netlite.layer import EngineAdapter
 from netlite.layers.fused_margin_head import HeadState
-from netlite.layers.inner_product import WEIGHT_NORM_EPS
 from netlite.layers.normalize_numba import norm_from_sum, normalize_fwd
 from netlite.layers.softmax_numba import (
     BLOCK,
@@ -184,6 +183,7 @@ class FusedMarginHeadNumba(EngineAdapter):
     def __init__(self, layer):
         super().__init__(layer)
         self.z = self.e = self.nu = self.inv_nu = self.tmp = self.xs = None
+        self.nu_q = None
         self.buf = self.rmax = self.rsum = self.u = None
         self.parallel = False
         self.state = None
@@ -210,13 +210,21 @@ class FusedMarginHeadNumba(EngineAdapter):
         n = x.shape[0]
         self._workspace(n, c, k, x.dtype)
         flat = w.reshape(-1)
-        if fc.true_gradient:
-            weight_norms(flat, self.nu, WEIGHT_NORM_EPS, self.parallel, self.buf)
+        mode, eps, floor = head.weight_mode()
+        if mode == "fold":
+            weight_norms(flat, self.nu, eps, self.parallel, self.buf)
+            # A row below the floor gets no projection (nu_q = inf: q = 0).
+            self.nu_q = np.where(self.nu >= floor, self.nu, np.inf).astype(
+                self.nu.dtype) if floor > 0 else self.nu
+            np.maximum(self.nu, floor, out=self.nu)
             np.divide(1, self.nu, out=self.inv_nu)
-        else:  # RENORM_INPLACE: the blob itself becomes W / nu
-            normalize_fwd(flat, flat, self.nu, c, k, 1, WEIGHT_NORM_EPS, True,
-                          self.parallel)
+        else:
+            if mode == "renorm":  # the blob itself becomes W / nu
+                normalize_fwd(flat, flat, self.nu, c, k, 1, eps, True,
+                              self.parallel)
+            self.nu[...] = 1
             self.inv_nu[...] = 1
+            self.nu_q = self.nu
         np.matmul(x, w.T, out=self.z)
         state = HeadState(self.z, head.scale_value(), head.columns(np))
         want_u = scale is not None and scale.propagates_param(0)
@@ -247,18 +255,26 @@ class FusedMarginHeadNumba(EngineAdapter):
             np.matmul(self.e, w, out=dx)
             dx *= alpha[:, None]
             _add_rows(dx, rows, w, cols, sigma, 0)
+        extra = head.extra_terms(st, x, w, self.inv_nu)
+        if extra is not None and propagate_down[0]:
+            _add_rows(dx, extra[0], x, extra[0], extra[1], 0)
         if fc.propagates_param(0):
             np.multiply(x, alpha[:, None], out=self.xs)
-            self._weight_gradient(fc, x, rows, cols, sigma)
+            self._weight_gradient(head, x, rows, cols, sigma)
+            if extra is not None and extra[2].size:
+                wd = fc.blobs[0].diff
+                _add_rows(wd, extra[2], w, extra[2], extra[3], 0)
         if want_s:
             sd = scale.blobs[0].diff
             sd += sd.dtype.type(ds)
         head.defer_backward(st)
 
-    def _weight_gradient(self, fc, x, rows, cols, sigma):
+    def _weight_gradient(self, head, x, rows, cols, sigma):
         # T = G^T x = E^T (alpha x) + S^T x, block by block of weight rows;
-        # then dW += T - diag(w . T / nu^2) W.
-        w, wd = fc.blobs[0].data, fc.blobs[0].diff
+        # then dW += T - diag(w . T / nu^2) W ("fold"), or dW += T.
+        blob = head.layer("fc").blobs[0]
+        w, wd = blob.data, blob.diff
+        fold = head.weight_mode()[0] == "fold"
         c, k = w.shape
         order = np.argsort(cols, kind="stable")
         rows, cols, sigma = rows[order], cols[order], sigma[order]
@@ -270,5 +286,5 @@ class FusedMarginHeadNumba(EngineAdapter):
             np.matmul(self.e[:, c0:c0 + nb].T, self.xs, out=tmp)
             lo, hi = np.searchsorted(cols, (c0, c0 + nb))
             _add_rows(tmp, cols[lo:hi], x, rows[lo:hi], sigma[lo:hi], c0)
-            kernel(wd.reshape(-1), w.reshape(-1), tmp.reshape(-1), self.nu, c0, nb,
-                   k, fc.true_gradient, self.buf)
+            kernel(wd.reshape(-1), w.reshape(-1), tmp.reshape(-1), self.nu_q, c0,
+                   nb, k, fold, self.buf)
