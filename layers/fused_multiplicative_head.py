@@ -9,7 +9,11 @@ import logging
 from netlite import fusion
 from netlite.layers._labels import label_codes
 from netlite.layers._multiplicative_margin import EPS, margin_target, schedule_lambda
-from netlite.layers.fused_margin_head import FusedMarginHeadLayer, logit_data, logit_diff
+from netlite.layers.fused_margin_head import (
+    FusedMarginHeadLayer,
+    logit_data,
+    logit_diff,
+)
 from netlite.layers.large_margin_inner_product import LargeMarginInnerProductLayer
 from netlite.layers.margin_inner_product import EXACT, MarginInnerProductLayer
 from netlite.layers.softmax_loss import SoftmaxWithLossLayer
@@ -131,7 +135,8 @@ def _why_not(net, i):
     if len(top) != 1 or len(top[0].shape) != 2:
         return "it has a second top (lambda) or its top is not (N, C)"
     loss = net.layers[i + 1] if i + 1 < len(net.layers) else None
-    if not isinstance(loss, SoftmaxWithLossLayer) or net.bottom_vecs[i + 1][0] is not top[0]:
+    if (not isinstance(loss, SoftmaxWithLossLayer)
+            or net.bottom_vecs[i + 1][0] is not top[0]):
         return "no SoftmaxWithLoss reads its top next"
     if len(net.top_vecs[i + 1]) != 1 or loss.layer_param.softmax_param.axis != 1:
         return "the SoftmaxWithLoss has a second top or a softmax axis other than 1"
