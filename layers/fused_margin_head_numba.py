@@ -15,7 +15,7 @@ docs/layers/fused_margin_head.md, appendix "The Numba kernels".
   (0 on the margin's column), from which the backward's GEMMs take
   ``G = diag(alpha) E + S`` (``S``: the loss's and the margin's columns, at
   most two per row) without another pass.
-* ``_weight_rows`` -- ``dW += T - (w . T / nu^2) W`` for one block of weight
+* ``weight_rows`` -- ``dW += T - (w . T / nu^2) W`` for one block of weight
   rows, ``T`` the block of ``G^T x``.
 """
 
@@ -126,7 +126,7 @@ def _exponentials(zr, er, inv_nu, mc, s, m, b, u, i, want_u):
     u[i] = total
 
 
-def _weight_rows(wd, w, tmp, nu, c0, nb, k, fold, buf):
+def weight_rows(wd, w, tmp, nu, c0, nb, k, fold, buf):
     # dW_c += T_c - (w_c . T_c / nu_c^2) w_c: the TRUE_GRADIENT projection,
     # with w_c . T_c = w_hat_c . dE/dw_hat_c (T_c = sum_n G_nc x_n).
     nchunks = buf.shape[0]
@@ -279,7 +279,7 @@ class FusedMarginHeadNumba(EngineAdapter):
         order = np.argsort(cols, kind="stable")
         rows, cols, sigma = rows[order], cols[order], sigma[order]
         size = self.tmp.shape[0]
-        kernel = build(_weight_rows, self.parallel)
+        kernel = build(weight_rows, self.parallel)
         for c0 in range(0, c, size):
             nb = min(size, c - c0)
             tmp = self.tmp[:nb]
