@@ -20,8 +20,11 @@ One step is what a training iteration spends in the head: clear the
 parameter diffs, forward, backward with the gradient to the features and to
 the weights.  Engines:
 
-* netlite ``numpy`` and ``numba`` (the unfused chain; ``cupy`` too when a
-  CUDA device is present);
+* netlite ``numpy`` (the reference, layer by layer), ``numba-unfused`` (the
+  layers one by one on their Numba kernels: ``netlite.set_fusion(False)``),
+  ``numba`` (the default: the chain run as one fused head,
+  docs/layers/fused_margin_head.md), and ``cupy`` when a CUDA device is
+  present;
 * ``pml``: pytorch-metric-learning on PyTorch's CPU backend, loss forward +
   ``backward()`` to the embeddings and ``W``, with ``torch.set_num_threads``
   equal to Numba's thread count (skipped when torch or pml is absent);
@@ -33,12 +36,13 @@ Everything runs in one process.  Each step is warmed up first (Numba
 compiles), then all steps are timed in interleaved rounds (each sample
 lasts at least ``--sample-seconds``, after an idle gap of ``--gap-seconds``
 so that the previous engine's OpenMP threads have parked); the table shows
-the median time per step.  Peak extra memory is measured with tracemalloc
-around one warmed-up netlite step: the peak of traced allocations above
-what was allocated before the step (NumPy's allocations are traced; memory
-that Numba kernels allocate inside compiled code and PyTorch's allocations
-are not, so it is not shown for pml or for the floor, which allocates
-nothing).
+the median time per step.  Memory is what a netlite head needs beyond its
+weights and inputs, with tracemalloc on a net of its own: what the net
+holds after two steps (its blobs, internal blobs and engine workspaces)
+plus the peak a third step allocates on top (NumPy's allocations are
+traced; memory that Numba kernels allocate inside compiled code and
+PyTorch's allocations are not, so it is not shown for pml or for the floor,
+which allocates nothing).
 
 Run from the repository root::
 
@@ -85,7 +89,8 @@ def head_prototxt(head, n, d, c):
         'layer { name: "in" type: "Input" top: "x" top: "label" '
         f"input_param {{ shape {{ dim: {n} dim: {d} }} shape {{ dim: {n} }} }} }}\n"
     )
-    filler = 'weight_filler { type: "gaussian" std: 0.01 }'
+    # (The weights are set afterwards; a constant filler allocates nothing.)
+    filler = 'weight_filler { type: "constant" }'
     if head in ("L-Softmax", "SphereFace"):
         kind, field = {
             "L-Softmax": ("LargeMarginInnerProduct", "largemargin_inner_product_param"),
@@ -173,18 +178,29 @@ def make_netlite_step(engine, head, x, w, labels):
     return step
 
 
-def peak_extra_bytes(step):
-    """Peak traced allocation above the baseline during one step."""
-    step.prepare()
+def head_memory_bytes(engine, head, x, w, labels):
+    """What a netlite head needs beyond its parameters and inputs: the
+    bytes its net holds after two steps (blobs, internal blobs, engine
+    workspaces; tracemalloc's current size against the size before the net
+    was built, less the weights' and the inputs' data and diff), plus the
+    peak that a third step allocates on top."""
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
+        step = make_netlite_step(engine, head, x, w, labels)
+        step.prepare()
+        step()
+        step()
+        net = step.net
+        own = sum(b.nbytes for params in net.params.values() for b in params)
+        own += net.blobs["x"].nbytes + net.blobs["label"].nbytes
+        before = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         step()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    return peak - base
+    return before - base - own + (peak - before)
 
 
 # ---------------------------------------------------------------------- pml
@@ -368,8 +384,8 @@ def main(argv=None):
                         raise SystemExit(f"{head} {engine} loss "
                                          f"{losses[(head, engine)]} != {ref_engine} "
                                          f"{ref} at {(n, d, c)}")
-        memory = {key: peak_extra_bytes(step) for key, step in steps.items()
-                  if key[1] in ("numpy", "numba-unfused", "numba")}
+        memory = {(head, engine): head_memory_bytes(engine, head, x, w, labels)
+                  for head in heads for engine in engines if engine != "cupy"}
         if args.profile and "numba" in engines:
             for head in heads:
                 profiles.append(((n, d, c), head,
@@ -397,8 +413,9 @@ def main(argv=None):
           f"{load_before:.2f}/{os.getloadavg()[0]:.2f}; this process used "
           f"{cpu_used:.1f} s CPU in {cpu_after.elapsed - cpu_before.elapsed:.1f} s")
     print("step: clear param diffs + forward + backward (features and weights); "
-          "memory: tracemalloc peak above baseline during one warmed-up step "
-          "(NumPy allocations only)")
+          "memory: what the head holds and allocates beyond its weights and "
+          "inputs (tracemalloc: NumPy's allocations; 1 N x C float32 array = "
+          f"{format_bytes(4 * sizes[0][0] * sizes[0][2])} at the first size)")
     for size, head, engine, ref_engine, value, rel in checks:
         print(f"check {size} {head}: {engine} loss {value:.6g}, relative "
               f"difference to {ref_engine} {rel:.1e}")

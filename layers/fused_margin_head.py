@@ -239,7 +239,8 @@ class FusedMarginHeadLayer(Layer):
         if state.mrows.size:
             state.v, state.factor = self.target_values(state)
             lt = (state.v.astype(dt) * state.s).astype(xp.float64)
-            lse[state.mrows] = xp.logaddexp(lse[state.mrows], lt)
+            with np.errstate(invalid="ignore"):  # NaN: checked below
+                lse[state.mrows] = xp.logaddexp(lse[state.mrows], lt)
         state.lse = lse
         valid = state.lcol >= 0
         rows = xp.nonzero(valid)[0]

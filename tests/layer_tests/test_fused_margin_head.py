@@ -418,3 +418,121 @@ def test_threaded_kernels_equal_the_chain(margin):
         assert_same(fused, plain, np.float64)
     finally:
         N, C = n_c
+
+
+# ------------------------------------------------------------- CuPy engine
+def requires_gpu():
+    """The CuPy parity tests' condition: CuPy and a CUDA device (marks gpu)."""
+    from layer_testing import requires_gpu as mark
+
+    return mark()
+
+
+def run_gpu(text, fuse, dtype=np.float64, **kwargs):
+    """:func:`run` on the GPU (a net made in GPU mode); NumPy copies of
+    everything readable."""
+    netlite.set_mode_gpu()
+    try:
+        net, out = run(text, fuse, dtype, **kwargs)
+    finally:
+        netlite.set_mode_cpu()
+    return net, {k: netlite.backend.to_numpy(v) for k, v in out.items()}
+
+
+def assert_ran_on_the_gpu(net, fused=True):
+    head, = net.fused_heads()
+    assert head.ran_fused == fused
+    assert head.engine == ("cupy" if fused else "numpy")
+
+
+@requires_gpu()
+@pytest.mark.filterwarnings("ignore:.*rises again")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_cupy_fused_equals_unfused(chain, dtype):
+    text = head_net(**CHAINS[chain])
+    net, fused = run_gpu(text, True, dtype)
+    assert_ran_on_the_gpu(net)
+    _, plain = run_gpu(text, False, dtype)
+    assert_same(fused, plain, dtype)
+
+
+@requires_gpu()
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode", ["true_gradient", "renorm_inplace"])
+def test_cupy_weight_gradient_in_blocks(mode, dtype, monkeypatch):
+    # Blocks of 3 weight rows (the last one of 1) over C = 13 classes: the
+    # copy of E's columns, the sparse rows and the epilogue per block.
+    from netlite.layers import fused_margin_head_cupy
+
+    itemsize = np.dtype(dtype).itemsize
+    monkeypatch.setattr(fused_margin_head_cupy, "WEIGHT_BLOCK_BYTES",
+                        3 * max(N, D) * itemsize)
+    extra = {} if mode == "true_gradient" else {"fc_extra": ""}
+    text = head_net(margin="arc", scale_param="lr_mult: 1", **extra)
+    net, fused = run_gpu(text, True, dtype)
+    assert_ran_on_the_gpu(net)
+    assert net.fused_heads()[0].adapter("cupy").tmp.shape == (3, D)
+    _, plain = run_gpu(text, False, dtype)
+    assert_same(fused, plain, dtype)
+
+
+@requires_gpu()
+@pytest.mark.parametrize("margin", ["add", "arc", None])
+def test_cupy_ignored_rows(margin):
+    ignore = 'loss_param { ignore_label: 4 }'
+    text = head_net(margin=margin, loss_extra=ignore)
+    if margin:
+        text = text.replace('top: "cos_m" ', f'top: "cos_m" {ignore} ')
+    net, fused = run_gpu(text, True, ignore=4)
+    assert_ran_on_the_gpu(net)
+    _, plain = run_gpu(text, False, ignore=4)
+    assert_same(fused, plain, np.float64)
+    assert not fused["x.diff"][1].any()
+
+
+@requires_gpu()
+@pytest.mark.parametrize("margin", ["arc", None])
+@pytest.mark.parametrize("error", ["nan_weight", "label"])
+def test_cupy_errors_are_the_layers(error, margin):
+    # A NaN weight makes the head's log-sum-exp NaN: it reruns the layers,
+    # whose own check raises (the margin layer's, or the loss's).
+    messages = []
+    for fuse in (True, False):
+        netlite.set_fusion(fuse)
+        netlite.set_mode_gpu()
+        try:
+            net = netlite.Net(head_net(margin=margin), netlite.TRAIN, dtype=np.float64)
+        finally:
+            netlite.set_mode_cpu()
+        x, labels = inputs()
+        if error == "nan_weight":
+            net.params["fc"][0].data[4, 3] = np.nan
+        else:
+            labels[0] = C
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = labels
+        expected = NonFiniteError if error == "nan_weight" else LabelError
+        with pytest.raises(expected) as info:
+            net.forward()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("margin", ["arc", "add", None])
+def test_non_finite_weights_raise_the_layers_error(margin):
+    # NaN weights: the features pass Normalize, the cosines are NaN; the
+    # fused forward reruns the layers, whose error is raised (no warning).
+    messages = []
+    for fuse in (True, False):
+        netlite.set_cpu_engine("numba")
+        netlite.set_fusion(fuse)
+        net = netlite.Net(head_net(margin=margin), netlite.TRAIN, dtype=np.float64)
+        net.params["fc"][0].data[3, 1] = np.nan
+        x, labels = inputs()
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = labels
+        with pytest.raises(NonFiniteError) as info:
+            net.forward()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
