@@ -27,34 +27,25 @@ from numba import prange
 from netlite.jit import build, njit
 from netlite.layer import EngineAdapter
 from netlite.layers.fused_margin_head import HeadState
-from netlite.layers.normalize_numba import norm_from_sum, normalize_fwd
+from netlite.layers.inner_product_numba import (
+    WEIGHT_BLOCK_BYTES,
+    renorm_rows,
+    weight_norms,
+    weight_rows,
+)
 from netlite.layers.softmax_numba import (
     BLOCK,
     cast_like,
     exp_nonpos,
     num_chunks,
     parallel_for,
-    row_dot,
     scratch,
     tree_max,
     tree_sum,
 )
 
-#: The weight gradient's GEMM runs over blocks of weight rows whose product
-#: takes at most this many bytes (the only workspace beyond O(N + C)).
-WEIGHT_BLOCK_BYTES = 1 << 20
-
 
 # ------------------------------------------------------------------ kernels
-def _weight_norm_rows(w, nu, rows, k, eps, buf):
-    nchunks = buf.shape[0]
-    for t in prange(nchunks):
-        b = buf[t]
-        for i in range(t * rows // nchunks, (t + 1) * rows // nchunks):
-            wr = w[i * k:(i + 1) * k]
-            nu[i] = norm_from_sum(row_dot(wr, wr, b), eps, True, b[0])
-
-
 def _cosine_rows(z, inv_nu, mcol, s, rmax, rsum, e, u, want_e, want_u, n, c,
                  buf):
     nchunks = buf.shape[0]
@@ -126,27 +117,6 @@ def _exponentials(zr, er, inv_nu, mc, s, m, b, u, i, want_u):
     u[i] = total
 
 
-def weight_rows(wd, w, tmp, nu, c0, nb, k, fold, buf):
-    # dW_c += T_c - (w_c . T_c / nu_c^2) w_c: the TRUE_GRADIENT projection,
-    # with w_c . T_c = w_hat_c . dE/dw_hat_c (T_c = sum_n G_nc x_n).
-    nchunks = buf.shape[0]
-    for t in prange(nchunks):
-        b = buf[t]
-        for i in range(t * nb // nchunks, (t + 1) * nb // nchunks):
-            row = (c0 + i) * k
-            tr = tmp[i * k:(i + 1) * k]
-            dr = wd[row:row + k]
-            if fold:
-                wr = w[row:row + k]
-                nv = np.float64(nu[c0 + i])
-                q = cast_like(row_dot(wr, tr, b) / (nv * nv), tr[0])
-                for j in range(k):
-                    dr[j] += tr[j] - q * wr[j]
-            else:
-                for j in range(k):
-                    dr[j] += tr[j]
-
-
 @njit
 def _add_rows(dst, at, src, take, coef, offset):
     """``dst[at[i] - offset] += coef[i] * src[take[i]]`` row by row (the
@@ -160,14 +130,6 @@ def _add_rows(dst, at, src, take, coef, offset):
 
 
 # --------------------------------------------------------------------- API
-def weight_norms(w, nu, eps, parallel, buf):
-    """``nu_c = sqrt(sum_k w_ck^2 + eps)`` for the rows of flat ``w``
-    ((C, K), C = ``nu.size``), the sum rounded to the dtype first as the
-    InnerProduct reference holds it."""
-    rows = nu.size
-    build(_weight_norm_rows, parallel)(w, nu, rows, w.size // rows, eps, buf)
-
-
 # ----------------------------------------------------------------- adapter
 class FusedMarginHeadNumba(EngineAdapter):
     """A FusedMarginHead on the Numba engine: owns the cosines ``z`` and the
@@ -220,8 +182,7 @@ class FusedMarginHeadNumba(EngineAdapter):
             np.divide(1, self.nu, out=self.inv_nu)
         else:
             if mode == "renorm":  # the blob itself becomes W / nu
-                normalize_fwd(flat, flat, self.nu, c, k, 1, eps, True,
-                              self.parallel)
+                build(renorm_rows, self.parallel)(flat, self.nu, c, k, eps, self.buf)
             self.nu[...] = 1
             self.inv_nu[...] = 1
             self.nu_q = self.nu
@@ -279,7 +240,9 @@ class FusedMarginHeadNumba(EngineAdapter):
         order = np.argsort(cols, kind="stable")
         rows, cols, sigma = rows[order], cols[order], sigma[order]
         size = self.tmp.shape[0]
-        kernel = build(weight_rows, self.parallel)
+        # Keyed on the block's own size: a threaded pass after each block's
+        # GEMM would share its cores with BLAS's spinning workers.
+        kernel = build(weight_rows, parallel_for(size * k))
         for c0 in range(0, c, size):
             nb = min(size, c - c0)
             tmp = self.tmp[:nb]

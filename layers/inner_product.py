@@ -157,3 +157,9 @@ class InnerProductLayer(Layer):
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.M, self.K)
             self.xp.matmul(dy, w_used.T if self.transpose else w_used, out=dx)
+
+    def forward_numba(self, bottom, top):
+        self.adapter("numba").forward(bottom, top)
+
+    def backward_numba(self, top, propagate_down, bottom):
+        self.adapter("numba").backward(top, propagate_down, bottom)

@@ -9,7 +9,13 @@ import naive
 import numpy as np
 import pytest
 from layer_test_case import LayerTestCase
-from layer_testing import assert_close, filler, make_blob
+from layer_testing import (
+    assert_close,
+    assert_numba_falls_back,
+    filler,
+    make_blob,
+    requires_numba,
+)
 
 import netlite
 from netlite import Blob, GradientChecker, LayerSetupError, ShapeError
@@ -446,7 +452,21 @@ class TestInnerProductNormalizeLayer(LayerTestCase):
         "renorm_transpose": {"mode": "RENORM_INPLACE", "transpose": True},
         "renorm_no_bias_axis_2": {"mode": "RENORM_INPLACE", "bias_term": False,
                                   "axis": 2},
+        # Above the tests' PARALLEL_MIN_ELEMENTS (2**15) on both the (M, N)
+        # top and the (N, K) weights: the Numba kernels' threaded builds, and
+        # two weight-gradient blocks (1 MiB = 512 rows of K = 512 float32).
+        # Parity only.
+        "large_true": {"shape": (64, 512), "num_output": 600},
+        "large_true_no_bias": {"shape": (64, 512), "num_output": 600,
+                               "bias_term": False},
+        "large_renorm": {"shape": (64, 512), "num_output": 600,
+                         "mode": "RENORM_INPLACE"},
     }
+
+    def applies(self, test_name, case):
+        if case.startswith("large") and not test_name.startswith("test_engine_parity"):
+            return False
+        return super().applies(test_name, case)
 
     @property
     def layer(self):
@@ -725,3 +745,69 @@ def test_true_gradient_matches_torch_autograd(transpose, zero_row):
         worst = max(worst, float(rel.max()))
     print(f"InnerProduct TRUE_GRADIENT transpose={transpose} zero_row={zero_row} "
           f"vs torch autograd: worst rel err {worst:.2e}")
+
+
+# ------------------------------------------- normalize: true on Numba
+def _run_with_diffs(engine, mode, dtype, x, dy, w0, b0, d0):
+    """Forward and backward on ``engine`` with parameter diffs that start at
+    ``d0`` (not zero); return the weights after forward, the top, the
+    bottom diff and the parameter diffs."""
+    netlite.set_cpu_engine(engine)
+    layer = normalized_ip(mode, num_output=w0.shape[0])
+    bottom = make_blob(x.shape, dtype, x)
+    top = Blob(dtype=dtype)
+    layer.setup([bottom], [top])
+    layer.blobs[0].data[...] = w0
+    layer.blobs[1].data[...] = b0
+    for p, d in zip(layer.blobs, d0):
+        p.diff[...] = d
+    layer.forward([bottom], [top])
+    top.diff[...] = dy
+    layer.backward([top], [True], [bottom])
+    return (layer.blobs[0].data.copy(), top.data.copy(), bottom.diff.copy(),
+            [p.diff.copy() for p in layer.blobs])
+
+
+@requires_numba()
+@pytest.mark.parametrize("mode", ["TRUE_GRADIENT", "RENORM_INPLACE"])
+def test_numba_normalize_param_diffs_accumulate(dtype, mode, monkeypatch):
+    # The Numba adapter adds to parameter diffs that already hold values
+    # (the harness's parity test starts them at zero), at a size that takes
+    # the threaded builds, with the weight gradient in uneven blocks of 7
+    # rows; the blob after forward (raw in TRUE_GRADIENT, W_hat in
+    # RENORM_INPLACE) matches the reference's.
+    from netlite.layers import inner_product_numba
+
+    m, k, c = 64, 512, 600
+    monkeypatch.setattr(inner_product_numba, "WEIGHT_BLOCK_BYTES",
+                        7 * k * np.dtype(dtype).itemsize + 1)
+    gen = np.random.default_rng(5)
+    x, dy = gen.standard_normal((m, k)), gen.standard_normal((m, c))
+    w0, b0 = gen.standard_normal((c, k)), gen.standard_normal(c)
+    d0 = [gen.standard_normal((c, k)), gen.standard_normal(c)]
+    ref = _run_with_diffs("numpy", mode, dtype, x, dy, w0, b0, d0)
+    got = _run_with_diffs("numba", mode, dtype, x, dy, w0, b0, d0)
+    if mode == "TRUE_GRADIENT":
+        np.testing.assert_array_equal(got[0], w0.astype(dtype))
+    for what, a, b in zip(("weights", "top", "bottom diff"), ref[:3], got[:3]):
+        assert_close(b, a, "parity", dtype, what)
+    for j, (a, b) in enumerate(zip(ref[3], got[3])):
+        assert_close(b, a, "parity", dtype, f"param[{j}] diff")
+
+
+@requires_numba()
+@pytest.mark.parametrize("text, shape", [
+    ("num_output: 5", (3, 4)),
+    ("num_output: 5 transpose: true normalize: true "
+     "weight_norm_mode: TRUE_GRADIENT", (3, 4)),
+    ("num_output: 5 transpose: true normalize: true", (3, 4)),
+    ("num_output: 5 normalize: true weight_norm_mode: TRUE_GRADIENT", (0, 4)),
+], ids=["plain", "transpose_true", "transpose_renorm", "empty"])
+def test_numba_falls_back_where_not_covered(dtype, text, shape):
+    # Plain InnerProduct (BLAS is the floor), transposed weights and an
+    # empty bottom run the reference on the Numba engine: identical results.
+    gen = np.random.default_rng(3)
+    layer = (f'name: "ip" type: "InnerProduct" inner_product_param {{ {text} '
+             'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }')
+    assert_numba_falls_back(layer, [gen.standard_normal(shape)],
+                            [gen.standard_normal((shape[0], 5))], [True], dtype)
