@@ -59,13 +59,15 @@ class FusedMarginHeadLayer(Layer):
         \delta\!\cos = s\,\delta\ell \text{ (times } f_n \text{ at }
         y_n\text{)}, \quad G_{nc} = \delta\!\cos_{nc} / \nu_c, \\
         \delta x = G W, \quad
-        \delta W \mathrel{+}= G^\top x - \operatorname{diag}(r / \nu^2) W,
-        \quad r_c = \sum_n \delta\!\cos_{nc} \cos_{nc}, \quad
+        \delta W \mathrel{+}= T - \operatorname{diag}(w \cdot T / \nu^2) W,
+        \quad T = G^\top x, \quad
         \delta s \mathrel{+}= \sum_{nc} \delta\ell_{nc} z_{nc}
 
     (TRUE_GRADIENT; RENORM_INPLACE renormalises ``W`` in place and takes
-    ``nu = 1`` and ``r = 0`` after it).  The norms are folded into the
-    element-wise passes, so the only N x C arrays are ``cos`` and ``G``.
+    ``nu = 1``, ``dW += T``).  The forward's one pass over the cosines also
+    writes ``E = exp(s cos - max) / nu``; the backward's GEMMs take ``G =
+    diag(alpha) E + S`` (``S``: at most two entries per row) and make no
+    pass of their own.  The N x C arrays are ``cos`` and ``E``.
 
     Bottoms: ``x`` (the InnerProduct's bottom), the loss's labels, the
     margin's labels (when there is a margin layer).  Top: the loss.
@@ -93,7 +95,7 @@ class FusedMarginHeadLayer(Layer):
         roles = [next(r for r, kind in cls.role_classes.items()
                       if isinstance(layer, kind)) for layer in layers]
         param = netlite_pb2.LayerParameter(
-            name="+".join(layer.name for layer in layers), type="FusedMarginHead")
+            name="+".join(layer.name for layer in layers), type=cls.type)
         fc = layers[0]
         head = cls(param, dtype=fc.dtype, device=fc.device)
         head.first, head.last = ids[0], ids[-1]
@@ -137,9 +139,8 @@ class FusedMarginHeadLayer(Layer):
     # ------------------------------------------------------------ contract
     def layer_setup(self, bottom, top):
         raise LayerSetupError(
-            f"{self.describe()}: a FusedMarginHead is made by the Net from a "
-            "chain InnerProduct{normalize} -> [LabelSpecificAdd | "
-            "LabelSpecificMargin] -> [Scale] -> SoftmaxWithLoss; write the chain")
+            f"{self.describe()}: a {self.type} is made by the Net from a chain "
+            "of layers (docs/engine/fusion.md); write the chain")
 
     def reshape(self, bottom, top):
         for layer, b, t in self.links.values():

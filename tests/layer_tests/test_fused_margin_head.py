@@ -287,7 +287,7 @@ def test_environment_variable_turns_fusion_off(monkeypatch):
 
 
 def test_cannot_be_written_in_a_prototxt():
-    with pytest.raises(LayerSetupError, match="made by the Net from a chain"):
+    with pytest.raises(LayerSetupError, match="made by the Net from a chain of layers"):
         netlite.Net(
             'layer { name: "in" type: "Input" top: "x" top: "label" input_param { '
             "shape { dim: 2 dim: 3 } shape { dim: 2 } } }\n"
