@@ -77,6 +77,8 @@ class FusedMarginHeadLayer(Layer):
     """
 
     exact_num_top_blobs = 1
+    #: Made by the Net from a chain, never written in a prototxt.
+    made_by_net = True
     #: Role -> the layer classes that may fill it, in chain order.
     role_classes = ROLE_CLASSES
 
@@ -111,6 +113,8 @@ class FusedMarginHeadLayer(Layer):
         head.loss_weights = list(loss[0].loss_weights)
         head.needs_backward = any(net.layer_need_backward[i] for i in ids)
         head.dtype, head.xp = fc.dtype, fc.xp
+        for layer in layers:
+            layer.fused_head = head  # (its own backward unfuses first)
         # The N x C blobs the fused computation does without.
         for _, blob in head.intermediates():
             blob.release()

@@ -146,6 +146,8 @@ class Layer:
         self.iteration = 0
         self.engine = None
         self._adapters = {}
+        #: The fused head (netlite.fusion) whose chain holds this layer, if any.
+        self.fused_head = None
 
     # ----------------------------------------------------------- contract
     def allow_force_backward(self, bottom_index):
@@ -250,6 +252,12 @@ class Layer:
                 f"{self.describe()}: propagate_down has {len(propagate_down)} "
                 f"entries for {len(bottom)} bottoms"
             )
+        head = self.fused_head
+        if head is not None and head.ran_fused:
+            # The last forward ran inside a fused chain (netlite.fusion),
+            # which kept no state of this layer's own: rerun the chain's
+            # forwards one by one first.
+            head.unfuse()
         engine = self.engine or self.select_engine()
         getattr(self, ENGINE_HOOKS[engine][1])(top, propagate_down, bottom)
 

@@ -536,3 +536,26 @@ def test_non_finite_weights_raise_the_layers_error(margin):
             net.forward()
         messages.append(str(info.value))
     assert messages[0] == messages[1]
+
+
+def test_a_layers_own_backward_after_a_fused_forward():
+    # net.forward() ran fused; calling the layers' backward one by one (as
+    # netlite.reference does, with upstream gradients on intermediate
+    # blobs) reruns the chain's forwards first and gives the chain's values.
+    results = []
+    for fuse in (True, False):
+        net, _ = run(head_net(margin="arc"), fuse, steps=0)
+        net.forward()
+        assert [h.ran_fused for h in net.fused_heads()] == [fuse]
+        net.clear_param_diffs()
+        net.blobs["cos_m"].diff[...] = 0.5  # an upstream on an intermediate
+        for i in range(len(net.layers) - 1, -1, -1):
+            if i == net.layer_index("margin"):
+                net.blobs["cos_m"].diff[...] += 0.5
+            if net.layer_need_backward[i]:
+                net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i],
+                                       net.bottom_vecs[i])
+        assert [h.ran_fused for h in net.fused_heads()] == [False]
+        results.append((net.blobs["x"].diff.copy(), net.params["fc"][0].diff.copy()))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
