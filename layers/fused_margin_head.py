@@ -116,7 +116,7 @@ class FusedMarginHeadLayer(Layer):
         for layer in layers:
             layer.fused_head = head  # (its own backward unfuses first)
         # The N x C blobs the fused computation does without.
-        for _, blob in head.intermediates():
+        for blob, _, _ in head.intermediates():
             blob.release()
         loss[0].prob.release()
         return head
@@ -128,9 +128,15 @@ class FusedMarginHeadLayer(Layer):
         return link[0] if link else None
 
     def intermediates(self):
-        """``[(role, blob)]``: the tops of every layer but the loss."""
-        return [(role, link[2][0]) for role, link in self.links.items()
-                if role != "loss"]
+        """``[(blob, data_role, diff_role)]``: every top of the chain but the
+        loss's, once each.  A blob that layers update in place holds the
+        last one's top after the forward (``data_role``) and the first
+        one's top diff after the backward (``diff_role``)."""
+        roles = {}
+        for role, link in self.links.items():
+            if role != "loss":
+                roles.setdefault(id(link[2][0]), (link[2][0], []))[1].append(role)
+        return [(blob, found[-1], found[0]) for blob, found in roles.values()]
 
     def describe_chain(self):
         """One line for the log: the layers, their types, the engines."""
@@ -157,8 +163,20 @@ class FusedMarginHeadLayer(Layer):
         return engines.pop() if engines in ({"numba"}, {"cupy"}) else "numpy"
 
     def fuses_now(self):
-        """Whether a forward now runs the fused computation."""
-        return fusion.fusion_enabled() and self.select_engine() != "numpy"
+        """Whether a forward now runs the fused computation: fusion on, an
+        engine that has it, and one scale for every class."""
+        return (fusion.fusion_enabled() and self.select_engine() != "numpy"
+                and self.uniform_scale())
+
+    def uniform_scale(self):
+        """Whether the Scale (if any) multiplies every class by one value:
+        a scalar, or a fixed per-class scale whose values are all equal
+        (AM-Softmax's prototxt: ``num_axes`` 1, ``lr_mult: 0``, constant)."""
+        scale = self.layer("scale")
+        if scale is None or scale.blobs[0].count == 1:
+            return True
+        s = scale.blobs[0].data.reshape(-1)
+        return bool((s == s[0]).all())
 
     def unfuse(self):
         """Rerun the chain's forwards one by one, so that each layer holds
@@ -326,14 +344,14 @@ class FusedMarginHeadLayer(Layer):
     def defer_forward(self, state):
         """Defer the data of every intermediate blob to ``state``."""
         producers = self.producers()
-        for role, blob in self.intermediates():
+        for blob, role, _ in self.intermediates():
             blob.release()
             blob.defer(data=_bind(producers[role][0], self, state))
 
     def defer_backward(self, state):
         """Defer the diff of every intermediate blob to ``state``."""
         producers = self.producers()
-        for role, blob in self.intermediates():
+        for blob, _, role in self.intermediates():
             blob.defer(diff=_bind(producers[role][1], self, state))
 
     # ----------------------------------------------------------- engines
@@ -461,15 +479,20 @@ def _why_not(net, ids):
         return "the InnerProduct's top is not (N, C)"
     if len(net.top_vecs[ids[-1]]) != 1 or loss.layer_param.softmax_param.axis != 1:
         return "the SoftmaxWithLoss has a second top or a softmax axis other than 1"
+    classes = net.top_vecs[ids[0]][0].shape[1]
     for layer, i in zip(layers[1:-1], ids[1:-1]):
-        if len(net.top_vecs[i]) != 1 or net.top_vecs[i][0] is net.bottom_vecs[i][0]:
-            return f"{layer.name} has a second top or runs in place"
+        if len(net.top_vecs[i]) != 1:
+            return f"{layer.name} has a second top"
         if isinstance(layer, ScaleLayer) and (
                 len(net.bottom_vecs[i]) != 1 or layer.bias_layer is not None
-                or layer.blobs[0].count != 1):
-            return f"{layer.name} is not a learned scalar scale without bias"
+                or layer.blobs[0].count not in (1, classes)
+                or (layer.blobs[0].count > 1 and layer.propagates_param(0))):
+            return (f"{layer.name} is neither a scalar scale nor a fixed per-class "
+                    "one, without bias")
     for i in ids[:-1]:
         blob = net.top_vecs[i][0]
-        if sum(b is blob for vec in net.bottom_vecs for b in vec) != 1:
+        readers = {j for j, vec in enumerate(net.bottom_vecs)
+                   if any(b is blob for b in vec)}
+        if not readers <= set(ids):
             return f"the top of {net.layers[i].name} has another reader"
     return ""

@@ -56,8 +56,11 @@ class FusedMultiplicativeHeadLayer(FusedMarginHeadLayer):
     def margin_columns(self, xp, c):
         """The inner product's labelled rows and their classes (none for
         ``m = 1``); bad labels raise its LabelError."""
-        fc = self.layer("fc")
-        label = label_codes(fc, self.links["fc"][1][1], fc.N, fc.ignore_label, fc.axis)
+        fc, fb, ft = self.links["fc"]
+        fc.lam = schedule_lambda(fc.params, fc.iteration)
+        if len(ft) > 1:  # the lambda top
+            ft[1].data[...] = fc.lam
+        label = label_codes(fc, fb[1], fc.N, fc.ignore_label, fc.axis)
         if fc.m == 1:
             return xp.zeros(0, xp.int64), xp.zeros(0, xp.int64)
         rows = xp.nonzero(label >= 0)[0]
@@ -76,7 +79,7 @@ class FusedMultiplicativeHeadLayer(FusedMarginHeadLayer):
         :meth:`extra_terms`."""
         xp = self.xp
         fc, fb, _ = self.links["fc"]
-        fc.lam = lam = schedule_lambda(fc.params, fc.iteration)
+        lam = fc.lam
         rows, cols = state.mrows, state.mcols
         x = fb[0].data.reshape(fc.M, fc.K)[rows]
         state.x_norm = xp.sqrt(xp.einsum("ik,ik->i", x, x))
@@ -114,8 +117,9 @@ class FusedMultiplicativeHeadLayer(FusedMarginHeadLayer):
 @fusion.register_fuser
 def find_multiplicative_heads(net):
     """The FusedMultiplicativeHeads of ``net``: every LargeMarginInnerProduct,
-    and every MarginInnerProduct with ``grad_mode: EXACT``, whose only top
-    is read only by the SoftmaxWithLoss that follows it (logged otherwise)."""
+    and every MarginInnerProduct with ``grad_mode: EXACT``, whose top (and
+    optional lambda top) is read only by the SoftmaxWithLoss that follows it
+    (logged otherwise)."""
     heads = []
     for i, layer in enumerate(net.layers):
         if not isinstance(layer, FC_LAYERS):
@@ -132,8 +136,8 @@ def _why_not(net, i):
     fc, top = net.layers[i], net.top_vecs[i]
     if isinstance(fc, MarginInnerProductLayer) and fc.grad_mode != EXACT:
         return "grad_mode SPHEREFACE is not the gradient of the forward"
-    if len(top) != 1 or len(top[0].shape) != 2:
-        return "it has a second top (lambda) or its top is not (N, C)"
+    if len(top[0].shape) != 2:
+        return "its top is not (N, C)"
     loss = net.layers[i + 1] if i + 1 < len(net.layers) else None
     if (not isinstance(loss, SoftmaxWithLossLayer)
             or net.bottom_vecs[i + 1][0] is not top[0]):

@@ -209,10 +209,10 @@ NOT_FUSED = {
                  'bottom: "label" top: "acc" }\n'},
         "the chain stops at logits_scale_0_split (Split)"),
     "a bias in the InnerProduct": ({}, "has a bias"),
-    "a Scale in place": (
-        {"margin": "add"}, "runs in place"),
     "a Scale with a bias": (
         {"scale_extra": "bias_term: true"}, "without bias"),
+    "a learned per-class Scale": (
+        {"scale_param": "lr_mult: 1"}, "nor a fixed per-class one"),
     "no loss after the scale": (
         {}, "the chain stops at loss (Softmax)"),
 }
@@ -225,11 +225,8 @@ def test_what_is_not_fused_is_logged(case, caplog):
     text = head_net(**{k: v for k, v in kwargs.items() if v is not None})
     if case == "a bias in the InnerProduct":
         text = text.replace("bias_term: false", "bias_term: true")
-    if case == "a Scale in place":
-        text = text.replace('bottom: "cos_m" top: "logits"',
-                            'bottom: "cos_m" top: "cos_m"')
-        text = text.replace('bottom: "logits" bottom: "label" top: "loss"',
-                            'bottom: "cos_m" bottom: "label" top: "loss"')
+    if case == "a learned per-class Scale":
+        text = text.replace("num_axes: 0 ", "")
     if case == "no loss after the scale":
         text = text.replace(
             'type: "SoftmaxWithLoss" bottom: "logits" bottom: "label" top: "loss"',
@@ -559,3 +556,94 @@ def test_a_layers_own_backward_after_a_fused_forward():
         results.append((net.blobs["x"].diff.copy(), net.params["fc"][0].diff.copy()))
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def in_place(text):
+    """The margin and the Scale updating the InnerProduct's top in place."""
+    for name in ("cos_m", "logits"):
+        text = text.replace(f'top: "{name}"', 'top: "cos"')
+        text = text.replace(f'bottom: "{name}"', 'bottom: "cos"')
+    return text
+
+
+@pytest.mark.parametrize("margin", ["arc", "add", None])
+def test_in_place_chain(margin):
+    # The blob holds the Scale's top after the forward and the margin's
+    # bottom diff (the first layer's top diff) after the backward.
+    text = in_place(head_net(margin=margin, scale_param="lr_mult: 1"))
+    net, fused = run(text, True)
+    assert [h.ran_fused for h in net.fused_heads()] == [True]
+    assert "cos_m" not in net.blobs and "logits" not in net.blobs
+    _, plain = run(text, False)
+    assert_same(fused, plain, np.float64)
+
+
+@pytest.mark.parametrize("values", [(30.0, 30.0), (30.0, 20.0)],
+                         ids=["uniform", "mixed"])
+def test_fixed_per_class_scale(values):
+    # AM-Softmax's prototxt: a Scale with num_axes 1, lr_mult 0, constant
+    # 30 -- one value per class, all equal: fused; unequal values run the
+    # layers one by one.
+    # (No force_backward: it would ask for the scale's diff, per class.)
+    text = head_net(margin="add", force_backward=False).replace("num_axes: 0 ", "")
+    results = []
+    for fuse in (True, False):
+        netlite.set_cpu_engine("numba")
+        netlite.set_fusion(fuse)
+        netlite.set_random_seed(11)
+        net = netlite.Net(text, netlite.TRAIN, dtype=np.float64)
+        net.params["scale"][0].data[...] = values[0]
+        net.params["scale"][0].data[0] = values[1]
+        x, labels = inputs()
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = labels
+        net.forward()
+        net.backward()
+        uniform = values[0] == values[1]
+        assert [h.ran_fused for h in net.fused_heads()] == [fuse and uniform]
+        results.append({k: (b.data.copy(), b.diff.copy())
+                        for k, b in net.blobs.items()})
+    for key, (data, diff) in results[1].items():
+        np.testing.assert_allclose(results[0][key][0], data, rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(results[0][key][1], diff, rtol=1e-11, atol=1e-13)
+
+
+def test_published_prototxts_fuse_and_equal_their_layers():
+    # The four published heads (tests/layer_tests/published_nets.py) in TRAIN:
+    # L-Softmax (with its lambda top), SphereFace, AM-Softmax (per-class fixed
+    # scale), NormFace (in-place clamped scale).
+    from published_nets import NETS
+
+    for name, make in NETS.items():
+        outs = []
+        for fuse in (True, False):
+            netlite.set_cpu_engine("numba")
+            netlite.set_fusion(fuse)
+            netlite.set_random_seed(3)
+            net = netlite.Net(make(), netlite.TRAIN, dtype=np.float64)
+            rng = np.random.default_rng(8)
+            for key in net.inputs:
+                blob = net.blobs[key]
+                if key == "label":  # (every head has at least 7 classes)
+                    blob.data[...] = rng.integers(0, 7, blob.shape)
+                else:
+                    blob.data[...] = rng.standard_normal(blob.shape)
+            for _ in range(2):
+                net.forward()
+                net.backward()
+            assert [h.ran_fused for h in net.fused_heads()] == [fuse], name
+            out = {f"{k}.data": b.data.copy() for k, b in net.blobs.items()}
+            out.update({f"{k}.diff": b.diff.copy() for k, b in net.blobs.items()})
+            for layer, params in net.params.items():
+                for j, p in enumerate(params):
+                    out[f"{layer}[{j}].diff"] = p.diff.copy()
+            outs.append(out)
+        # Relative to each array's largest value, but at least 1e-3 of the
+        # net's largest: the convolutions' bias diffs in L-Softmax's net are
+        # round-off around 0 (a BN layer follows each), ~1e-15 against
+        # weight diffs of ~10.
+        floor = 1e-3 * max(float(np.abs(v).max(initial=0.0)) for v in outs[1].values())
+        for key, b in outs[1].items():
+            err = float(np.abs(outs[0][key] - b).max(initial=0.0))
+            scale = max(float(np.abs(b).max(initial=0.0)), floor)
+            assert err <= TOL[np.float64] * scale, (name, key, err)

@@ -121,7 +121,6 @@ def test_training_with_a_solver_matches():
 @pytest.mark.parametrize("case, reason", [
     ({"kind": "MarginInnerProduct", "extra": "grad_mode: SPHEREFACE"},
      "grad_mode SPHEREFACE is not the gradient of the forward"),
-    ({"tops": 'top: "logits" top: "lambda"'}, "it has a second top (lambda)"),
 ])
 def test_what_is_not_fused_is_logged(case, reason, caplog):
     with caplog.at_level(logging.INFO, logger="netlite"):
@@ -151,3 +150,13 @@ def test_a_zero_weight_row_gets_the_layers_gradient():
         outs.append(net.params["fc"][0].diff.copy())
     assert np.abs(outs[1][5]).max() > 0
     np.testing.assert_allclose(outs[0], outs[1], rtol=TOL[np.float64], atol=1e-13)
+
+
+def test_the_lambda_top():
+    text = head_net(base=100.0, gamma=0.5, tops='top: "logits" top: "lambda"')
+    net, fused = run(text, True, iteration=6)
+    assert net.fused_heads()[0].ran_fused
+    # lambda = base (1 + gamma t)^-power at the layer's t = iteration + 1.
+    assert float(fused["lambda.data"]) == pytest.approx(100.0 / (1 + 0.5 * 7))
+    _, plain = run(text, False, iteration=6)
+    assert_same(fused, plain, np.float64)
