@@ -137,10 +137,9 @@ class FusedMarginHeadNumba(EngineAdapter):
     inverses, the row statistics, the kernels' scratch, the row-scaled
     features and the weight GEMM's block.
 
-    The kernels take their multi-threaded builds only for passes of at
-    least ``PARALLEL_MIN_ELEMENTS`` (:func:`parallel_for`): between BLAS
-    calls a parallel region shares its cores with OpenBLAS's spinning
-    workers."""
+    Every pass sits between two GEMMs, so the kernels run single-threaded
+    (:func:`parallel_for` with ``between_gemms``): within OpenBLAS's spin
+    window a parallel region shares its cores with BLAS's workers."""
 
     def __init__(self, layer):
         super().__init__(layer)
@@ -160,7 +159,7 @@ class FusedMarginHeadNumba(EngineAdapter):
             rows = max(1, min(c, WEIGHT_BLOCK_BYTES // (k * dtype.itemsize)))
             self.tmp = np.empty((rows, k), dtype=dtype)
             self.xs = np.empty((n, k), dtype=dtype)
-            self.parallel = parallel_for(n * c)
+            self.parallel = parallel_for(n * c, between_gemms=True)
             self.buf = scratch(dtype, num_chunks(self.parallel, n), BLOCK)[0]
 
     def forward(self, bottom, top):
@@ -242,7 +241,7 @@ class FusedMarginHeadNumba(EngineAdapter):
         size = self.tmp.shape[0]
         # Keyed on the block's own size: a threaded pass after each block's
         # GEMM would share its cores with BLAS's spinning workers.
-        kernel = build(weight_rows, parallel_for(size * k))
+        kernel = build(weight_rows, parallel_for(size * k, between_gemms=True))
         for c0 in range(0, c, size):
             nb = min(size, c - c0)
             tmp = self.tmp[:nb]

@@ -25,11 +25,11 @@ See docs/layers/inner_product.md, appendix "The Numba kernels".
 * Everything else -- ``normalize: false`` (BLAS is the floor there),
   ``transpose`` (the norms run over the blob's columns), an empty bottom --
   runs the reference (``forward_cpu`` / ``backward_cpu``).
-* Multi-threaded builds only through :func:`softmax_numba.parallel_for`
-  (docs/engine/backends.md, "Threads": between BLAS calls a parallel
-  region shares its cores with OpenBLAS's spinning workers): the column
-  scale and the weight norms from M x N elements (the logits' count, as in
-  FusedMarginHeadNumba), each weight-gradient block from its own size.
+* Every pass sits between GEMMs, so none is multi-threaded
+  (:func:`softmax_numba.parallel_for` with ``between_gemms``;
+  docs/engine/backends.md, "Threads": within OpenBLAS's spin window a
+  parallel region shares its cores with BLAS's workers) unless
+  ``NETLITE_PARALLEL_MIN_ELEMENTS`` asks for it (the tests do).
 """
 
 import numpy as np
@@ -174,12 +174,10 @@ class InnerProductNumba(EngineAdapter):
         if self.buf is None or self.buf.shape[0] != num_chunks(True, c) \
                 or self.buf.dtype != dtype:
             self.buf = scratch(dtype, num_chunks(True, c), BLOCK)[0]
-        # The weight norms take threads with the logits (M x N), as in
-        # FusedMarginHeadNumba, not from their own C x K count: the pass
-        # is a cheap read (1.1 ms at 10 000 x 512 float32) between GEMMs,
-        # and its threads cost the next GEMM more than they save (40 ms
-        # against 50 ms per forward + backward at (256, 512, 10 000)).
-        return parallel_for(layer.M * c)
+        # Between GEMMs: threads cost the next GEMM more than they save
+        # (40 ms against 50 ms per forward + backward at (256, 512, 10 000)
+        # with the norms threaded).
+        return parallel_for(layer.M * c, between_gemms=True)
 
     def _scratch(self, parallel, rows):
         return self.buf[:num_chunks(parallel, rows)]
@@ -205,8 +203,8 @@ class InnerProductNumba(EngineAdapter):
         if layer.true_gradient:
             self._norms(w, par)
             np.matmul(x, w.T, out=y)
-            scale_columns(y.reshape(-1), self.inv, m, n, parallel_for(m * n),
-                          bias=bias)
+            scale_columns(y.reshape(-1), self.inv, m, n,
+                          parallel_for(m * n, between_gemms=True), bias=bias)
             return
         build(renorm_rows, par)(w.reshape(-1), self.nu, n, k, WEIGHT_NORM_EPS,
                                  self._scratch(par, n))
@@ -237,8 +235,8 @@ class InnerProductNumba(EngineAdapter):
             if self.g is None or self.g.shape != (m, n) or self.g.dtype != w.dtype:
                 self.g = np.empty((m, n), dtype=w.dtype)
             g = self.g
-            scale_columns(dy.reshape(-1), self.inv, m, n, parallel_for(m * n),
-                          out=g.reshape(-1))
+            scale_columns(dy.reshape(-1), self.inv, m, n,
+                          parallel_for(m * n, between_gemms=True), out=g.reshape(-1))
         if propagate_down[0]:
             np.matmul(g, w, out=bottom[0].diff.reshape(m, k))
         if want_w:
@@ -254,7 +252,7 @@ class InnerProductNumba(EngineAdapter):
             tmp = self.tmp[:nb]
             np.matmul(g[:, c0:c0 + nb].T, x, out=tmp)
             # The pass covers this block only (threads from 2**22 elements).
-            par = parallel_for(nb * k)
+            par = parallel_for(nb * k, between_gemms=True)
             build(weight_rows, par)(wd.reshape(-1), w.reshape(-1), tmp.reshape(-1),
                                     self.nu, c0, nb, k, fold,
                                     self._scratch(par, nb))

@@ -50,6 +50,8 @@ from numba.extending import intrinsic, overload
 from netlite.jit import build, njit
 from netlite.layer import EngineAdapter
 
+_ENV_THRESHOLD = os.environ.get("NETLITE_PARALLEL_MIN_ELEMENTS", "").strip()
+
 #: Problems with fewer elements than this run the single-threaded kernels
 #: (``NETLITE_PARALLEL_MIN_ELEMENTS`` overrides it).  A parallel region
 #: that follows a BLAS call shares its cores with OpenBLAS's spinning
@@ -58,12 +60,21 @@ from netlite.layer import EngineAdapter
 #: less than ~10 ms: on the 2-core machine a margin head's chain of layers
 #: took 128 ms per step with the former 2**15 and 62 ms with every pass
 #: single-threaded (docs/engine/backends.md, "Threads").
-PARALLEL_MIN_ELEMENTS = int(os.environ.get("NETLITE_PARALLEL_MIN_ELEMENTS", 1 << 22))
+PARALLEL_MIN_ELEMENTS = int(_ENV_THRESHOLD) if _ENV_THRESHOLD else 1 << 22
+
+#: The same for a pass that always sits between two GEMMs (a normalised
+#: InnerProduct's, a fused head's): never multi-threaded, unless
+#: ``NETLITE_PARALLEL_MIN_ELEMENTS`` is set.  Inside OpenBLAS's spin window
+#: a second thread gains nothing at any size (a CosFace head at C = 100 000:
+#: 459-478 ms a step single-threaded, 469-490 ms threaded).
+BETWEEN_GEMMS_MIN_ELEMENTS = int(_ENV_THRESHOLD) if _ENV_THRESHOLD else 1 << 62
 
 
-def parallel_for(count):
+def parallel_for(count, between_gemms=False):
     """Whether a pass over ``count`` elements takes the multi-threaded
-    build (``count >= PARALLEL_MIN_ELEMENTS``, read at call time)."""
+    build (the thresholds above, read at call time)."""
+    if between_gemms:
+        return count >= BETWEEN_GEMMS_MIN_ELEMENTS
     return count >= PARALLEL_MIN_ELEMENTS
 
 #: Length of the scratch block used by the row kernels (fits in L1).
