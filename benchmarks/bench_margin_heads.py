@@ -34,9 +34,11 @@ the weights.  Engines:
 
 Everything runs in one process.  Each step is warmed up first (Numba
 compiles), then all steps are timed in interleaved rounds (each sample
-lasts at least ``--sample-seconds``, after an idle gap of ``--gap-seconds``
-so that the previous engine's OpenMP threads have parked); the table shows
-the median time per step.  Memory is what a netlite head needs beyond its
+lasts at least ``--sample-seconds``, 0.2 s: a few steps back to back, as in
+training; after an idle gap of ``--gap-seconds``, 0.3 s, so that the
+previous engine's spinning threads have parked: OpenBLAS's spin for up to
+~0.1 s, PyTorch's OpenMP pool longer); the table shows the median time per
+step.  Memory is what a netlite head needs beyond its
 weights and inputs, with tracemalloc on a net of its own: what the net
 holds after two steps (its blobs, internal blobs and engine workspaces)
 plus the peak a third step allocates on top (NumPy's allocations are
@@ -304,10 +306,10 @@ def main(argv=None):
                         help="timed samples per step at the default size (7)")
     parser.add_argument("--large-rounds", type=int, default=3,
                         help="timed samples per step when C >= 50000 (3)")
-    parser.add_argument("--sample-seconds", type=float, default=0.05,
-                        help="minimum length of one sample (default 0.05)")
-    parser.add_argument("--gap-seconds", type=float, default=0.05,
-                        help="idle time before each sample (default 0.05)")
+    parser.add_argument("--sample-seconds", type=float, default=0.2,
+                        help="minimum length of one sample (default 0.2)")
+    parser.add_argument("--gap-seconds", type=float, default=0.3,
+                        help="idle time before each sample (default 0.3)")
     parser.add_argument("--profile", action="store_true",
                         help="also print per-layer times of the numba chains")
     parser.add_argument("--markdown", action="store_true",
