@@ -9,7 +9,7 @@ import numpy as np
 
 from netlite import fusion
 from netlite.errors import LayerSetupError
-from netlite.layer import Layer
+from netlite.layer import EngineAdapter, Layer
 from netlite.layers._additive_margin import margin_rows
 from netlite.layers._labels import FLT_MIN
 from netlite.layers.inner_product import WEIGHT_NORM_EPS, InnerProductLayer
@@ -20,7 +20,7 @@ from netlite.layers.softmax_loss import SoftmaxWithLossLayer
 from netlite.proto import netlite_pb2
 from netlite.registry import register_layer
 
-__all__ = ["FusedMarginHeadLayer", "HeadState", "find_margin_heads"]
+__all__ = ["FusedHeadAdapter", "FusedMarginHeadLayer", "HeadState", "find_margin_heads"]
 
 logger = logging.getLogger("netlite")
 
@@ -366,6 +366,86 @@ class FusedMarginHeadLayer(Layer):
 
     def backward_gpu(self, top, propagate_down, bottom):
         self.adapter("cupy").backward(top, propagate_down, bottom)
+
+
+class FusedHeadAdapter(EngineAdapter):
+    """What the engines of a fused head share: the order of the steps and
+    the weight modes.  An engine's adapter (``FusedMarginHeadNumba``,
+    ``FusedMarginHeadCuPy``) sets :attr:`xp` and supplies its workspaces and
+    kernels: ``_workspace(n, c, k, dtype)`` (``z``, ``e``, ``nu``,
+    ``inv_nu``, ``rmax``, ``rsum``, ``u``, ``xs``), ``norms`` and ``renorm``
+    (``nu`` of the weight rows; ``renorm`` also divides them in place),
+    ``row_pass`` (the forward's pass over the cosines),
+    ``feature_gradient`` and ``weight_gradient`` (the backward's GEMMs and
+    sparse rows)."""
+
+    xp = np
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.z = self.e = self.nu = self.inv_nu = self.nu_q = self.xs = None
+        self.rmax = self.rsum = self.u = None
+        self.state = None
+
+    def forward(self, bottom, top):
+        head, xp = self.layer, self.xp
+        fc, scale = head.layer("fc"), head.layer("scale")
+        w = fc.blobs[0].data
+        c, k = w.shape
+        x = bottom[0].data.reshape(-1, k)
+        self._workspace(x.shape[0], c, k, np.dtype(x.dtype))
+        self._weights(head.weight_mode(), w.reshape(-1), c, k)
+        xp.matmul(x, w.T, out=self.z)
+        state = HeadState(self.z, head.scale_value(), head.columns(xp))
+        self.row_pass(state, scale is not None and scale.propagates_param(0))
+        if not head.finish_forward(state, self.rmax, self.rsum, top):
+            head.forward_cpu(bottom, top)  # the layers raise the reference's error
+            head.ran_fused = False
+            return
+        head.defer_forward(state)
+        head.ran_fused = True
+        self.state = state
+
+    def _weights(self, weight_mode, flat, c, k):
+        # nu, 1 / nu and nu_q (the norms the projection divides by) for the
+        # head's weight mode (FusedMarginHeadLayer.weight_mode).
+        mode, eps, floor = weight_mode
+        xp, one = self.xp, self.nu.dtype.type(1)
+        if mode == "fold":
+            self.norms(flat, c, k, eps)
+            # A row below the floor gets no projection (nu_q = inf: q = 0).
+            self.nu_q = xp.where(self.nu >= floor, self.nu, np.inf).astype(
+                self.nu.dtype) if floor > 0 else self.nu
+            xp.maximum(self.nu, self.nu.dtype.type(floor), out=self.nu)
+            xp.divide(one, self.nu, out=self.inv_nu)
+            return
+        if mode == "renorm":  # the blob itself becomes W / nu
+            self.renorm(flat, c, k, eps)
+        self.nu.fill(one)
+        self.inv_nu.fill(one)
+        self.nu_q = self.nu
+
+    def backward(self, top, propagate_down, bottom):
+        head, st = self.layer, self.state
+        fc, scale = head.layer("fc"), head.layer("scale")
+        want_s = scale is not None and scale.propagates_param(0)
+        w = fc.blobs[0].data
+        x = bottom[0].data.reshape(-1, w.shape[1])
+        head.row_gradient_scale(st, top)
+        alpha, rows, cols, sigma, ds = head.gradient_terms(
+            st, self.rmax, self.inv_nu, self.u if want_s else None)
+        extra = head.extra_terms(st, x, w, self.inv_nu)
+        if propagate_down[0]:
+            # dx = G W with G = diag(alpha) E + S (+ the extra terms).
+            self.feature_gradient(bottom[0].diff.reshape(x.shape), x, w, alpha,
+                                  rows, cols, sigma, extra)
+        if fc.propagates_param(0):
+            self.xp.multiply(x, alpha[:, None], out=self.xs)
+            self.weight_gradient(head, x, rows, cols, sigma, extra)
+        if want_s:
+            sd = scale.blobs[0].diff
+            sd += sd.dtype.type(ds)
+        head.defer_backward(st)
 
 
 class HeadState:

@@ -37,8 +37,7 @@ import functools
 import cupy
 import numpy as np
 
-from netlite.layer import EngineAdapter
-from netlite.layers.fused_margin_head import HeadState
+from netlite.layers.fused_margin_head import FusedHeadAdapter
 from netlite.layers.normalize_cupy import normalize_divide, normalize_norm
 
 #: The weight gradient's GEMM runs over blocks of weight rows whose product
@@ -293,18 +292,19 @@ def weight_rows(wd, w, tmp, nu, c0, starts, take, coef, x, fold):
 
 
 # ----------------------------------------------------------------- adapter
-class FusedMarginHeadCuPy(EngineAdapter):
-    """A FusedMarginHead on the GPU: owns the cosines ``z`` and the
-    exponentials ``e`` (the two N x C device arrays), the weight norms and
-    their inverses, the row statistics (float64), the row-scaled features,
-    and the weight GEMM's block (``tmp``, and ``eb`` for ``E``'s columns
-    when there is more than one block)."""
+class FusedMarginHeadCuPy(FusedHeadAdapter):
+    """A FusedMarginHead on the GPU (the steps are
+    :class:`~netlite.layers.fused_margin_head.FusedHeadAdapter`'s): owns the
+    cosines ``z`` and the exponentials ``e`` (the two N x C device arrays),
+    the weight norms and their inverses, the row statistics (float64), the
+    row-scaled features, and the weight GEMM's block (``tmp``, and ``eb``
+    for ``E``'s columns when there is more than one block)."""
+
+    xp = cupy
 
     def __init__(self, layer):
         super().__init__(layer)
-        self.z = self.e = self.nu = self.inv_nu = self.nu_q = None
-        self.tmp = self.eb = self.xs = self.rmax = self.rsum = self.u = None
-        self.state = None
+        self.tmp = self.eb = None
 
     def _workspace(self, n, c, k, dtype):
         if self.z is None or self.z.shape != (n, c) or self.z.dtype != dtype:
@@ -322,73 +322,31 @@ class FusedMarginHeadCuPy(EngineAdapter):
             self.eb = cupy.empty(n * rows if rows < c else 0, dtype=dtype)
             self.xs = cupy.empty((n, k), dtype=dtype)
 
-    def forward(self, bottom, top):
-        head = self.layer
-        fc, scale = head.layer("fc"), head.layer("scale")
-        w = fc.blobs[0].data
-        c, k = w.shape
-        x = bottom[0].data.reshape(-1, k)
-        n = x.shape[0]
-        dtype = np.dtype(x.dtype)
-        self._workspace(n, c, k, dtype)
-        flat = w.reshape(-1)
-        mode, eps, floor = head.weight_mode()
-        if mode == "fold":
-            normalize_norm(flat, self.nu, c, k, 1, eps, True)
-            # A row below the floor gets no projection (nu_q = inf: q = 0).
-            self.nu_q = cupy.where(self.nu >= floor, self.nu, np.inf).astype(
-                dtype) if floor > 0 else self.nu
-            cupy.maximum(self.nu, dtype.type(floor), out=self.nu)
-            cupy.divide(dtype.type(1), self.nu, out=self.inv_nu)
-        else:
-            if mode == "renorm":  # the blob itself becomes W / nu
-                normalize_norm(flat, self.nu, c, k, 1, eps, True)
-                normalize_divide(flat, self.nu, flat, c, k, 1)
-            self.nu.fill(1)
-            self.inv_nu.fill(1)
-            self.nu_q = self.nu
-        cupy.matmul(x, w.T, out=self.z)
-        state = HeadState(self.z, head.scale_value(), head.columns(cupy))
-        want_u = scale is not None and scale.propagates_param(0)
-        cosine_rows(self.z, self.inv_nu, state.mcol, state.s, self.rmax, self.rsum,
-                    self.e, self.u, head.needs_backward, want_u)
-        if not head.finish_forward(state, self.rmax, self.rsum, top):
-            head.forward_cpu(bottom, top)  # the layers raise the reference's error
-            head.ran_fused = False
-            return
-        head.defer_forward(state)
-        head.ran_fused = True
-        self.state = state
+    def norms(self, flat, c, k, eps):
+        normalize_norm(flat, self.nu, c, k, 1, eps, True)
 
-    def backward(self, top, propagate_down, bottom):
-        head, st = self.layer, self.state
-        fc, scale = head.layer("fc"), head.layer("scale")
-        want_s = scale is not None and scale.propagates_param(0)
-        w = fc.blobs[0].data
-        x = bottom[0].data.reshape(-1, w.shape[1])
-        head.row_gradient_scale(st, top)
-        alpha, rows, cols, sigma, ds = head.gradient_terms(
-            st, self.rmax, self.inv_nu, self.u if want_s else None)
-        extra = head.extra_terms(st, x, w, self.inv_nu)
-        if propagate_down[0]:
-            # dx = G W with G = diag(alpha) E + S.
-            dx = bottom[0].diff.reshape(x.shape)
-            cupy.matmul(self.e, w, out=dx)
-            at, starts, (take, coef) = by_key(rows, (cols, sigma), x.shape[0])
-            add_rows(dx, at, starts, take, coef, w, alpha)
-            if extra is not None:
-                at, starts, (take, coef) = by_key(extra[0], (extra[0], extra[1]))
-                add_rows(dx, at, starts, take, coef, x)
-        if fc.propagates_param(0):
-            cupy.multiply(x, alpha[:, None], out=self.xs)
-            self._weight_gradient(head, x, rows, cols, sigma)
-            if extra is not None and extra[2].size:
-                at, starts, (take, coef) = by_key(extra[2], (extra[2], extra[3]))
-                add_rows(fc.blobs[0].diff, at, starts, take, coef, w)
-        if want_s:
-            sd = scale.blobs[0].diff
-            sd += sd.dtype.type(ds)
-        head.defer_backward(st)
+    def renorm(self, flat, c, k, eps):
+        normalize_norm(flat, self.nu, c, k, 1, eps, True)
+        normalize_divide(flat, self.nu, flat, c, k, 1)
+
+    def row_pass(self, state, want_u):
+        cosine_rows(self.z, self.inv_nu, state.mcol, state.s, self.rmax, self.rsum,
+                    self.e, self.u, self.layer.needs_backward, want_u)
+
+    def feature_gradient(self, dx, x, w, alpha, rows, cols, sigma, extra):
+        cupy.matmul(self.e, w, out=dx)
+        at, starts, (take, coef) = by_key(rows, (cols, sigma), x.shape[0])
+        add_rows(dx, at, starts, take, coef, w, alpha)
+        if extra is not None:
+            at, starts, (take, coef) = by_key(extra[0], (extra[0], extra[1]))
+            add_rows(dx, at, starts, take, coef, x)
+
+    def weight_gradient(self, head, x, rows, cols, sigma, extra):
+        self._weight_gradient(head, x, rows, cols, sigma)
+        if extra is not None and extra[2].size:
+            blob = head.layer("fc").blobs[0]
+            at, starts, (take, coef) = by_key(extra[2], (extra[2], extra[3]))
+            add_rows(blob.diff, at, starts, take, coef, blob.data)
 
     def _weight_gradient(self, head, x, rows, cols, sigma):
         # T = G^T x = E^T (alpha x) + S^T x, block by block of weight rows;

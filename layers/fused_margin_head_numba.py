@@ -25,8 +25,7 @@ import numpy as np
 from numba import prange
 
 from netlite.jit import build, njit
-from netlite.layer import EngineAdapter
-from netlite.layers.fused_margin_head import HeadState
+from netlite.layers.fused_margin_head import FusedHeadAdapter
 from netlite.layers.inner_product_numba import (
     WEIGHT_BLOCK_BYTES,
     renorm_rows,
@@ -131,11 +130,12 @@ def _add_rows(dst, at, src, take, coef, offset):
 
 # --------------------------------------------------------------------- API
 # ----------------------------------------------------------------- adapter
-class FusedMarginHeadNumba(EngineAdapter):
-    """A FusedMarginHead on the Numba engine: owns the cosines ``z`` and the
-    exponentials ``e`` (the two N x C arrays), the weight norms and their
-    inverses, the row statistics, the kernels' scratch, the row-scaled
-    features and the weight GEMM's block.
+class FusedMarginHeadNumba(FusedHeadAdapter):
+    """A FusedMarginHead on the Numba engine (the steps are
+    :class:`~netlite.layers.fused_margin_head.FusedHeadAdapter`'s): owns the
+    cosines ``z`` and the exponentials ``e`` (the two N x C arrays), the
+    weight norms and their inverses, the row statistics, the kernels'
+    scratch, the row-scaled features and the weight GEMM's block.
 
     Every pass sits between two GEMMs, so the kernels run single-threaded
     (:func:`parallel_for` with ``between_gemms``): within OpenBLAS's spin
@@ -143,11 +143,8 @@ class FusedMarginHeadNumba(EngineAdapter):
 
     def __init__(self, layer):
         super().__init__(layer)
-        self.z = self.e = self.nu = self.inv_nu = self.tmp = self.xs = None
-        self.nu_q = None
-        self.buf = self.rmax = self.rsum = self.u = None
+        self.tmp = self.buf = None
         self.parallel = False
-        self.state = None
 
     def _workspace(self, n, c, k, dtype):
         if self.z is None or self.z.shape != (n, c) or self.z.dtype != dtype:
@@ -162,76 +159,30 @@ class FusedMarginHeadNumba(EngineAdapter):
             self.parallel = parallel_for(n * c, between_gemms=True)
             self.buf = scratch(dtype, num_chunks(self.parallel, n), BLOCK)[0]
 
-    def forward(self, bottom, top):
-        head = self.layer
-        fc, scale = head.layer("fc"), head.layer("scale")
-        w = fc.blobs[0].data
-        c, k = w.shape
-        x = bottom[0].data.reshape(-1, k)
-        n = x.shape[0]
-        self._workspace(n, c, k, x.dtype)
-        flat = w.reshape(-1)
-        mode, eps, floor = head.weight_mode()
-        if mode == "fold":
-            weight_norms(flat, self.nu, eps, self.parallel, self.buf)
-            # A row below the floor gets no projection (nu_q = inf: q = 0).
-            self.nu_q = np.where(self.nu >= floor, self.nu, np.inf).astype(
-                self.nu.dtype) if floor > 0 else self.nu
-            np.maximum(self.nu, floor, out=self.nu)
-            np.divide(1, self.nu, out=self.inv_nu)
-        else:
-            if mode == "renorm":  # the blob itself becomes W / nu
-                build(renorm_rows, self.parallel)(flat, self.nu, c, k, eps, self.buf)
-            self.nu[...] = 1
-            self.inv_nu[...] = 1
-            self.nu_q = self.nu
-        np.matmul(x, w.T, out=self.z)
-        state = HeadState(self.z, head.scale_value(), head.columns(np))
-        want_u = scale is not None and scale.propagates_param(0)
+    def norms(self, flat, c, k, eps):
+        weight_norms(flat, self.nu, eps, self.parallel, self.buf)
+
+    def renorm(self, flat, c, k, eps):
+        build(renorm_rows, self.parallel)(flat, self.nu, c, k, eps, self.buf)
+
+    def row_pass(self, state, want_u):
+        n, c = self.z.shape
         build(_cosine_rows, self.parallel)(
             self.z.reshape(-1), self.inv_nu, state.mcol, state.s, self.rmax,
-            self.rsum, self.e.reshape(-1), self.u, head.needs_backward, want_u, n,
-            c, self.buf)
-        if not head.finish_forward(state, self.rmax, self.rsum, top):
-            head.forward_cpu(bottom, top)  # the layers raise the reference's error
-            head.ran_fused = False
-            return
-        head.defer_forward(state)
-        head.ran_fused = True
-        self.state = state
+            self.rsum, self.e.reshape(-1), self.u, self.layer.needs_backward,
+            want_u, n, c, self.buf)
 
-    def backward(self, top, propagate_down, bottom):
-        head, st = self.layer, self.state
-        fc, scale = head.layer("fc"), head.layer("scale")
-        want_s = scale is not None and scale.propagates_param(0)
-        w = fc.blobs[0].data
-        x = bottom[0].data.reshape(-1, w.shape[1])
-        head.row_gradient_scale(st, top)
-        alpha, rows, cols, sigma, ds = head.gradient_terms(
-            st, self.rmax, self.inv_nu, self.u if want_s else None)
-        if propagate_down[0]:
-            # dx = G W with G = diag(alpha) E + S.
-            dx = bottom[0].diff.reshape(x.shape)
-            np.matmul(self.e, w, out=dx)
-            dx *= alpha[:, None]
-            _add_rows(dx, rows, w, cols, sigma, 0)
-        extra = head.extra_terms(st, x, w, self.inv_nu)
-        if extra is not None and propagate_down[0]:
+    def feature_gradient(self, dx, x, w, alpha, rows, cols, sigma, extra):
+        np.matmul(self.e, w, out=dx)
+        dx *= alpha[:, None]
+        _add_rows(dx, rows, w, cols, sigma, 0)
+        if extra is not None:
             _add_rows(dx, extra[0], x, extra[0], extra[1], 0)
-        if fc.propagates_param(0):
-            np.multiply(x, alpha[:, None], out=self.xs)
-            self._weight_gradient(head, x, rows, cols, sigma)
-            if extra is not None and extra[2].size:
-                wd = fc.blobs[0].diff
-                _add_rows(wd, extra[2], w, extra[2], extra[3], 0)
-        if want_s:
-            sd = scale.blobs[0].diff
-            sd += sd.dtype.type(ds)
-        head.defer_backward(st)
 
-    def _weight_gradient(self, head, x, rows, cols, sigma):
+    def weight_gradient(self, head, x, rows, cols, sigma, extra):
         # T = G^T x = E^T (alpha x) + S^T x, block by block of weight rows;
-        # then dW += T - diag(w . T / nu^2) W ("fold"), or dW += T.
+        # then dW += T - diag(w . T / nu^2) W ("fold"), or dW += T; then the
+        # extra terms' rows.
         blob = head.layer("fc").blobs[0]
         w, wd = blob.data, blob.diff
         fold = head.weight_mode()[0] == "fold"
@@ -250,3 +201,5 @@ class FusedMarginHeadNumba(EngineAdapter):
             _add_rows(tmp, cols[lo:hi], x, rows[lo:hi], sigma[lo:hi], c0)
             kernel(wd.reshape(-1), w.reshape(-1), tmp.reshape(-1), self.nu_q, c0,
                    nb, k, fold, self.buf)
+        if extra is not None and extra[2].size:
+            _add_rows(wd, extra[2], w, extra[2], extra[3], 0)
