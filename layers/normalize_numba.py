@@ -51,6 +51,7 @@ from netlite.layers.softmax_numba import (
     scratch_shape,
     strided_dot,
     tile_span,
+    tree_sum,
 )
 
 
@@ -67,17 +68,7 @@ def row_abs_sum(u, b):
         us = u[start:start + nb]
         for j in range(nb):
             b[j] = abs(us[j])
-        p = 1
-        while p < nb:
-            p *= 2
-        for j in range(nb, p):
-            b[j] = 0
-        h = p // 2
-        while h > 0:
-            for j in range(h):
-                b[j] += b[j + h]
-            h //= 2
-        total += np.float64(b[0])
+        total += np.float64(tree_sum(b, nb))
     return total
 
 

@@ -32,28 +32,9 @@ Design
 import numpy as np
 from numba import prange
 
-from netlite.jit import build, njit
+from netlite.jit import build
 from netlite.layer import EngineAdapter
-from netlite.layers.softmax_numba import BLOCK, num_chunks, parallel_for
-
-
-# ------------------------------------------------------------ scalar helpers
-@njit
-def block_sum(b, nb):
-    """Pairwise sum of ``b[:nb]`` (``b`` is a scratch row of length at least
-    the next power of two of ``nb``; overwritten)."""
-    p = 1
-    while p < nb:
-        p *= 2
-    for j in range(nb, p):
-        b[j] = 0
-    h = p // 2
-    while h > 0:
-        for j in range(h):
-            b[j] += b[j + h]
-        h //= 2
-    return b[0]
-
+from netlite.layers.softmax_numba import BLOCK, num_chunks, parallel_for, tree_sum
 
 # ------------------------------------------------------------------ kernels
 # In place (``y is x``, ``dx is dy``) the loops read and write through one
@@ -171,7 +152,7 @@ def _scale_bwd_runs(x, s, dy, dx, acc, buf, d, inner, want_ds, want_dx, in_place
                     else:
                         for j in range(nb):
                             b[j] += gs[j] * xs[j]
-                a[dd] += block_sum(b, lanes)
+                a[dd] += tree_sum(b, lanes)
             elif in_place:
                 gs = dy[p:end]
                 for j in range(end - p):
