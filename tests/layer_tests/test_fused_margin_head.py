@@ -369,35 +369,39 @@ def test_partial_forward_and_backward_match_the_unfused_chain():
         np.testing.assert_allclose(results[0][key][1], diff, rtol=1e-11, atol=1e-13)
 
 
-def test_non_finite_features_raise_the_layers_error():
+def forward_errors(text, kind, edit):
+    """The messages of the ``kind`` error a forward raises after ``edit(x,
+    labels, net)``: fused, then the layers one by one."""
     messages = []
     for fuse in (True, False):
+        netlite.set_cpu_engine("numba")
         netlite.set_fusion(fuse)
-        net = netlite.Net(head_net(margin="arc", fc_extra=""), netlite.TRAIN,
-                          dtype=np.float64)
+        net = netlite.Net(text, netlite.TRAIN, dtype=np.float64)
         x, labels = inputs()
-        x[2, 3] = np.nan
+        edit(x, labels, net)
         net.blobs["x"].data[...] = x
         net.blobs["label"].data[...] = labels
-        with pytest.raises(NonFiniteError) as info:
+        with pytest.raises(kind) as info:
             net.forward()
         messages.append(str(info.value))
-    assert messages[0] == messages[1]
+    return messages
+
+
+def test_non_finite_features_raise_the_layers_error():
+    def edit(x, labels, net):
+        x[2, 3] = np.nan
+
+    fused, plain = forward_errors(head_net(margin="arc", fc_extra=""),
+                                  NonFiniteError, edit)
+    assert fused == plain
 
 
 def test_a_bad_label_raises_the_layers_error():
-    messages = []
-    for fuse in (True, False):
-        netlite.set_fusion(fuse)
-        net = netlite.Net(head_net(margin="add"), netlite.TRAIN, dtype=np.float64)
-        x, labels = inputs()
+    def edit(x, labels, net):
         labels[0] = C
-        net.blobs["x"].data[...] = x
-        net.blobs["label"].data[...] = labels
-        with pytest.raises(LabelError) as info:
-            net.forward()
-        messages.append(str(info.value))
-    assert messages[0] == messages[1]
+
+    fused, plain = forward_errors(head_net(margin="add"), LabelError, edit)
+    assert fused == plain
 
 
 @pytest.mark.parametrize("margin", ["arc", None])
@@ -520,19 +524,11 @@ def test_cupy_errors_are_the_layers(error, margin):
 def test_non_finite_weights_raise_the_layers_error(margin):
     # NaN weights: the features pass Normalize, the cosines are NaN; the
     # fused forward reruns the layers, whose error is raised (no warning).
-    messages = []
-    for fuse in (True, False):
-        netlite.set_cpu_engine("numba")
-        netlite.set_fusion(fuse)
-        net = netlite.Net(head_net(margin=margin), netlite.TRAIN, dtype=np.float64)
+    def edit(x, labels, net):
         net.params["fc"][0].data[3, 1] = np.nan
-        x, labels = inputs()
-        net.blobs["x"].data[...] = x
-        net.blobs["label"].data[...] = labels
-        with pytest.raises(NonFiniteError) as info:
-            net.forward()
-        messages.append(str(info.value))
-    assert messages[0] == messages[1]
+
+    fused, plain = forward_errors(head_net(margin=margin), NonFiniteError, edit)
+    assert fused == plain
 
 
 def test_a_layers_own_backward_after_a_fused_forward():
