@@ -251,7 +251,7 @@ class InnerProductNumba(EngineAdapter):
             nb = min(size, c - c0)
             tmp = self.tmp[:nb]
             np.matmul(g[:, c0:c0 + nb].T, x, out=tmp)
-            # The pass covers this block only (threads from 2**22 elements).
+            # The pass covers this block only.
             par = parallel_for(nb * k, between_gemms=True)
             build(weight_rows, par)(wd.reshape(-1), w.reshape(-1), tmp.reshape(-1),
                                     self.nu, c0, nb, k, fold,

@@ -85,7 +85,7 @@ def _copy_flat(src, dst, nchunks):
 # ---------------------------------------------------------------------- API
 def chunks_for(count):
     """``(parallel, nchunks)`` for a pass over ``count`` elements."""
-    parallel = parallel_for(count)
+    parallel = parallel_for(count, between_gemms=True)
     return parallel, num_chunks(parallel, max(1, count // BLOCK))
 
 

@@ -267,7 +267,7 @@ class NormalizeNumba(EngineAdapter):
         norm = self._norm(top, x.dtype, outer * inner)
         self.buffers = normalize_fwd(
             x, y, norm, outer, c, inner, layer.eps, layer.l2,
-            parallel_for(bottom[0].count), self.buffers)
+            parallel_for(bottom[0].count, between_gemms=inner == 1), self.buffers)
         bad = ~np.isfinite(norm)
         if bad.any():
             # The positions with a non-finite norm still hold x.
@@ -292,4 +292,4 @@ class NormalizeNumba(EngineAdapter):
         self.buffers = normalize_bwd(
             y, top[0].flat_diff, norm, h, bottom[0].flat_diff, outer, c, inner,
             layer.l2, layer.fix_gradient, layer.bp_norm,
-            parallel_for(bottom[0].count), self.buffers)
+            parallel_for(bottom[0].count, between_gemms=inner == 1), self.buffers)

@@ -174,7 +174,7 @@ def scale_fwd(x, s, y, saved, outer, d, inner, in_place):
     may be None).
     """
     count = x.size
-    parallel = parallel_for(count)
+    parallel = parallel_for(count, between_gemms=True)
     if saved is None:
         saved = y
     if inner == 1:
@@ -199,7 +199,7 @@ def scale_bwd(x, s, dy, dx, outer, d, inner, want_ds, want_dx, in_place,
     gradient.
     """
     count = x.size
-    parallel = parallel_for(count)
+    parallel = parallel_for(count, between_gemms=True)
     work = outer if inner == 1 else max(1, count // BLOCK)
     nchunks = num_chunks(parallel, work)
     if buffers is None or buffers[0].shape != (nchunks, d):

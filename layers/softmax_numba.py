@@ -52,21 +52,19 @@ from netlite.layer import EngineAdapter
 
 _ENV_THRESHOLD = os.environ.get("NETLITE_PARALLEL_MIN_ELEMENTS", "").strip()
 
-#: Problems with fewer elements than this run the single-threaded kernels
-#: (``NETLITE_PARALLEL_MIN_ELEMENTS`` overrides it).  A parallel region
-#: that follows a BLAS call shares its cores with OpenBLAS's spinning
-#: workers (and BLAS with Numba's, after it), and one scheduler time slice
-#: lost that way (a few ms) outweighs what two threads save on a pass of
-#: less than ~10 ms: on the 2-core machine a margin head's chain of layers
-#: took 128 ms per step with the former 2**15 and 62 ms with every pass
-#: single-threaded (docs/engine/backends.md, "Threads").
-PARALLEL_MIN_ELEMENTS = int(_ENV_THRESHOLD) if _ENV_THRESHOLD else 1 << 22
+#: Problems with fewer elements than this run the single-threaded kernels:
+#: waking the thread pool costs more than the work saves
+#: (``NETLITE_PARALLEL_MIN_ELEMENTS`` overrides it).
+PARALLEL_MIN_ELEMENTS = int(_ENV_THRESHOLD) if _ENV_THRESHOLD else 1 << 15
 
-#: The same for a pass that always sits between two GEMMs (a normalised
-#: InnerProduct's, a fused head's): never multi-threaded, unless
-#: ``NETLITE_PARALLEL_MIN_ELEMENTS`` is set.  Inside OpenBLAS's spin window
-#: a second thread gains nothing at any size (a CosFace head at C = 100 000:
-#: 459-478 ms a step single-threaded, 469-490 ms threaded).
+#: The same for a pass that sits between two GEMMs (a normalised
+#: InnerProduct's, a margin layer's or a Scale's in a margin head, a fused
+#: head's): never multi-threaded, unless ``NETLITE_PARALLEL_MIN_ELEMENTS`` is
+#: set.  After a BLAS call OpenBLAS's workers spin for up to ~0.1 s, and a
+#: parallel region started then shares its cores with them: on the 2-core
+#: machine a CosFace head's chain of layers took 128 ms per step with its
+#: passes threaded and 62 ms single-threaded, and a fused head gains nothing
+#: from threads at any size (docs/engine/backends.md, "Threads").
 BETWEEN_GEMMS_MIN_ELEMENTS = int(_ENV_THRESHOLD) if _ENV_THRESHOLD else 1 << 62
 
 
@@ -76,6 +74,7 @@ def parallel_for(count, between_gemms=False):
     if between_gemms:
         return count >= BETWEEN_GEMMS_MIN_ELEMENTS
     return count >= PARALLEL_MIN_ELEMENTS
+
 
 #: Length of the scratch block used by the row kernels (fits in L1).
 BLOCK = 1024

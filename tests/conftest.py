@@ -12,8 +12,9 @@
   calls ``set_cpu_engine`` choose their engines themselves.  Set in the
   environment, so the subprocesses tests start (the CLI, examples) inherit
   it; tests of the default itself remove it.
-* Lowers the threshold of the Numba kernels' multi-threaded builds
-  (``NETLITE_PARALLEL_MIN_ELEMENTS``) so that small test inputs take them.
+* Sets the threshold of the Numba kernels' multi-threaded builds
+  (``NETLITE_PARALLEL_MIN_ELEMENTS``) so that the passes between GEMMs,
+  which the library never threads, take them on the tests' larger inputs.
 """
 
 import os
@@ -22,8 +23,9 @@ import sys
 import pytest
 
 os.environ.setdefault("NETLITE_CPU_ENGINE", "numpy")
-# The kernels' multi-threaded builds from 2**15 elements (the library's
-# default is 2**22), so the parity tests' larger cases exercise them.
+# The kernels' multi-threaded builds from 2**15 elements, also for the passes
+# between GEMMs (which the library never threads), so the parity tests'
+# larger cases exercise them.
 os.environ.setdefault("NETLITE_PARALLEL_MIN_ELEMENTS", str(1 << 15))
 sys.path.insert(0, os.path.dirname(__file__))
 
