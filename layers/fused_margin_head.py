@@ -514,8 +514,9 @@ def find_margin_heads(net):
     """The FusedMarginHeads of ``net``: every InnerProduct with
     ``normalize`` followed, layer after layer, by an optional
     LabelSpecificAdd / LabelSpecificMargin, an optional Scale and a
-    SoftmaxWithLoss, each consuming the previous one's top as its only
-    reader.  A chain that does not qualify is logged with the reason."""
+    SoftmaxWithLoss, each reading the previous one's top (in place or not),
+    which no layer outside the chain reads.  A chain that does not qualify
+    is logged with the reason."""
     heads = []
     for i, layer in enumerate(net.layers):
         if not isinstance(layer, InnerProductLayer) or not layer.normalize:
@@ -552,7 +553,7 @@ def _why_not(net, ids):
         after = (f"{net.layers[nxt].name} ({net.layers[nxt].type})"
                  if nxt < len(net.layers) else "the end of the net")
         return (f"the chain stops at {after}; a SoftmaxWithLoss must read the "
-                f"top of {loss.name}, its only reader")
+                f"top of {loss.name}, and nothing else")
     if fc.bias_term or fc.transpose:
         return "the InnerProduct has a bias or is transposed"
     if len(net.top_vecs[ids[0]][0].shape) != 2:
