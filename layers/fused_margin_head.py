@@ -20,7 +20,8 @@ from netlite.layers.softmax_loss import SoftmaxWithLossLayer
 from netlite.proto import netlite_pb2
 from netlite.registry import register_layer
 
-__all__ = ["FusedHeadAdapter", "FusedMarginHeadLayer", "HeadState", "find_margin_heads"]
+__all__ = ["FusedHeadAdapter", "FusedMarginHeadLayer", "HeadState", "find_margin_heads",
+           "loss_and_readers_problem"]
 
 logger = logging.getLogger("netlite")
 
@@ -89,6 +90,7 @@ class FusedMarginHeadLayer(Layer):
         self.bottom_vec, self.top_vec, self.propagate_down = [], [], []
         self.ran_fused = False
         self.needs_backward = True
+        self.backward_flags = {}
 
     @classmethod
     def from_chain(cls, net, ids):
@@ -112,7 +114,11 @@ class FusedMarginHeadLayer(Layer):
                                + [False] * (len(head.bottom_vec) - 1))
         head.loss_weights = list(loss[0].loss_weights)
         head.needs_backward = any(net.layer_need_backward[i] for i in ids)
-        head.dtype, head.xp = fc.dtype, fc.xp
+        # Each layer's (need_backward, propagate_down), for the layers' own
+        # backward (backward_cpu).
+        head.backward_flags = {role: (net.layer_need_backward[i],
+                                      net.bottom_need_backward[i])
+                               for role, i in zip(roles, ids)}
         for layer in layers:
             layer.fused_head = head  # (its own backward unfuses first)
         # The N x C blobs the fused computation does without.
@@ -192,11 +198,11 @@ class FusedMarginHeadLayer(Layer):
             layer.forward(b, t)
 
     def backward_cpu(self, top, propagate_down, bottom):
-        down = {"fc": [propagate_down[0]]}
         for role in reversed(list(self.links)):
             layer, b, t = self.links[role]
-            flags = down.get(role, [True] + [False] * (len(b) - 1))
-            layer.backward(t, flags, b)
+            need, flags = self.backward_flags[role]
+            if need:
+                layer.backward(t, flags, b)
 
     # ------------------------------------------------- shared engine maths
     def scale_value(self):
@@ -257,11 +263,12 @@ class FusedMarginHeadLayer(Layer):
         layers, which raise the reference's error)."""
         xp, z, dt = self.xp, state.z, self.dtype
         state.v, state.factor = xp.zeros(0), xp.zeros(0)
+        state.margin_logit = xp.zeros(0)
         with np.errstate(divide="ignore"):  # a row with no other column
             lse = rmax + xp.log(rsum)
         if state.mrows.size:
             state.v, state.factor = self.target_values(state)
-            lt = (state.v.astype(dt) * state.s).astype(xp.float64)
+            lt = state.margin_logit = (state.v.astype(dt) * state.s).astype(xp.float64)
             with np.errstate(invalid="ignore"):  # NaN: checked below
                 lse[state.mrows] = xp.logaddexp(lse[state.mrows], lt)
         state.lse = lse
@@ -273,6 +280,7 @@ class FusedMarginHeadLayer(Layer):
             slot = xp.zeros(z.shape[0], dtype=xp.int64)
             slot[state.mrows] = xp.arange(state.mrows.size)
             picked = xp.where(hit, state.v[slot[rows]], picked)
+        state.label_rows, state.label_z = rows, picked  # (the scale's gradient)
         logit = (picked.astype(dt) * state.s).astype(xp.float64)
         # The reference's -log(max(p, FLT_MIN)) with p rounded to the dtype.
         p = xp.exp(logit - lse[rows]).astype(dt)
@@ -312,8 +320,7 @@ class FusedMarginHeadLayer(Layer):
         rows_l = xp.nonzero((lcol >= 0) & (lcol != mcol))[0]
         cols_l = lcol[rows_l]
         sig_l = -g[rows_l] * s * inv_nu[cols_l]
-        logit = (state.v.astype(dt) * state.s).astype(xp.float64)
-        p_t = xp.exp(logit - lse[mrows])
+        p_t = xp.exp(state.margin_logit - lse[mrows])
         hit = lcol[mrows] == mcols
         dl = state.dl_margin = g[mrows] * (p_t - hit)
         sig_m = (s * dl * state.factor) * inv_nu[mcols]
@@ -323,16 +330,10 @@ class FusedMarginHeadLayer(Layer):
         ds = None
         if u is not None:
             # sum_c dl z = g (sum_c p z - z at the label), per row.
-            valid = xp.nonzero(lcol >= 0)[0]
-            z_label = state.z[valid, lcol[valid]].astype(xp.float64)
-            if mrows.size:  # the label's z carries the margin there
-                slot = xp.full(lcol.shape, -1)
-                slot[mrows] = xp.arange(mrows.size)
-                z_label = xp.where(mcol[valid] == lcol[valid],
-                                   state.v[xp.maximum(slot[valid], 0)], z_label)
+            valid = state.label_rows
             total = g * shift * u
             total[mrows] += g[mrows] * p_t * state.v
-            total[valid] -= g[valid] * z_label
+            total[valid] -= g[valid] * state.label_z
             ds = float(total.sum())
         return alpha.astype(dt), rows, cols, sigma, ds
 
@@ -372,8 +373,8 @@ class FusedHeadAdapter(EngineAdapter):
     """What the engines of a fused head share: the order of the steps and
     the weight modes.  An engine's adapter (``FusedMarginHeadNumba``,
     ``FusedMarginHeadCuPy``) sets :attr:`xp` and supplies its workspaces and
-    kernels: ``_workspace(n, c, k, dtype)`` (``z``, ``e``, ``nu``,
-    ``inv_nu``, ``rmax``, ``rsum``, ``u``, ``xs``), ``norms`` and ``renorm``
+    kernels: ``engine_workspace(n, c, k, dtype)`` (what it needs beyond the
+    arrays :meth:`_workspace` makes), ``norms`` and ``renorm``
     (``nu`` of the weight rows; ``renorm`` also divides them in place),
     ``row_pass`` (the forward's pass over the cosines),
     ``feature_gradient`` and ``weight_gradient`` (the backward's GEMMs and
@@ -386,6 +387,22 @@ class FusedHeadAdapter(EngineAdapter):
         self.z = self.e = self.nu = self.inv_nu = self.nu_q = self.xs = None
         self.rmax = self.rsum = self.u = None
         self.state = None
+
+    def _workspace(self, n, c, k, dtype):
+        # The two N x C arrays, the weight norms, the row statistics
+        # (float64) and the row-scaled features; then the engine's own.
+        if self.z is not None and self.z.shape == (n, c) and self.z.dtype == dtype:
+            return
+        xp = self.xp
+        self.z = self.e = None  # the old pair goes first
+        self.z = xp.empty((n, c), dtype=dtype)
+        self.e = xp.empty((n, c), dtype=dtype)
+        self.nu = xp.empty(c, dtype=dtype)
+        self.inv_nu = xp.empty(c, dtype=dtype)
+        self.rmax, self.rsum = xp.empty(n), xp.empty(n)
+        self.u = xp.zeros(n)
+        self.xs = xp.empty((n, k), dtype=dtype)
+        self.engine_workspace(n, c, k, dtype)
 
     def forward(self, bottom, top):
         head, xp = self.layer, self.xp
@@ -453,12 +470,16 @@ class HeadState:
     blobs: ``z`` (N, C) the cosines (``cos``; the margin column holds the
     cosine before the margin), ``s``, ``lcol``, ``mrows``, ``mcols``,
     ``mcol``, ``v`` and ``factor`` (the margin's value and slope per margin
-    row, float64), ``lse`` (N,) float64, and after the backward ``g``."""
+    row, float64), ``margin_logit`` (``s v`` in the dtype, widened), ``lse``
+    (N,) float64, ``label_rows`` and ``label_z`` (the valid rows and their
+    ``z`` at the label, float64), and after the backward ``g`` and
+    ``dl_margin`` (``dE/dl`` at the margin rows' margin column)."""
 
     def __init__(self, z, s, columns):
         self.z, self.s = z, s
         self.lcol, self.mrows, self.mcols, self.mcol = columns
-        self.v = self.factor = self.lse = self.g = None
+        self.v = self.factor = self.margin_logit = self.lse = None
+        self.label_rows = self.label_z = self.g = self.dl_margin = None
 
 
 def _bind(producer, head, state):
@@ -558,8 +579,6 @@ def _why_not(net, ids):
         return "the InnerProduct has a bias or is transposed"
     if len(net.top_vecs[ids[0]][0].shape) != 2:
         return "the InnerProduct's top is not (N, C)"
-    if len(net.top_vecs[ids[-1]]) != 1 or loss.layer_param.softmax_param.axis != 1:
-        return "the SoftmaxWithLoss has a second top or a softmax axis other than 1"
     classes = net.top_vecs[ids[0]][0].shape[1]
     for layer, i in zip(layers[1:-1], ids[1:-1]):
         if len(net.top_vecs[i]) != 1:
@@ -570,6 +589,17 @@ def _why_not(net, ids):
                 or (layer.blobs[0].count > 1 and layer.propagates_param(0))):
             return (f"{layer.name} is neither a scalar scale nor a fixed per-class "
                     "one, without bias")
+    return loss_and_readers_problem(net, ids)
+
+
+def loss_and_readers_problem(net, ids):
+    """What stops the chain ``ids``, whose last layer is a SoftmaxWithLoss,
+    at its loss or at its blobs: a second loss top, a softmax axis other
+    than 1, a top of the chain read outside it ('' when nothing does).
+    Shared by the fusers of the fused heads."""
+    loss = net.layers[ids[-1]]
+    if len(net.top_vecs[ids[-1]]) != 1 or loss.layer_param.softmax_param.axis != 1:
+        return "the SoftmaxWithLoss has a second top or a softmax axis other than 1"
     for i in ids[:-1]:
         blob = net.top_vecs[i][0]
         readers = {j for j, vec in enumerate(net.bottom_vecs)

@@ -306,21 +306,11 @@ class FusedMarginHeadCuPy(FusedHeadAdapter):
         super().__init__(layer)
         self.tmp = self.eb = None
 
-    def _workspace(self, n, c, k, dtype):
-        if self.z is None or self.z.shape != (n, c) or self.z.dtype != dtype:
-            self.z = self.e = None  # free the old pair first
-            self.z = cupy.empty((n, c), dtype=dtype)
-            self.e = cupy.empty((n, c), dtype=dtype)
-            self.nu = cupy.empty(c, dtype=dtype)
-            self.inv_nu = cupy.empty(c, dtype=dtype)
-            self.rmax = cupy.empty(n, dtype=cupy.float64)
-            self.rsum = cupy.empty(n, dtype=cupy.float64)
-            self.u = cupy.zeros(n, dtype=cupy.float64)
-            rows = WEIGHT_BLOCK_BYTES // (max(k, n, 1) * dtype.itemsize)
-            rows = max(1, min(c, rows))
-            self.tmp = cupy.empty((rows, k), dtype=dtype)
-            self.eb = cupy.empty(n * rows if rows < c else 0, dtype=dtype)
-            self.xs = cupy.empty((n, k), dtype=dtype)
+    def engine_workspace(self, n, c, k, dtype):
+        rows = WEIGHT_BLOCK_BYTES // (max(k, n, 1) * dtype.itemsize)
+        rows = max(1, min(c, rows))
+        self.tmp = cupy.empty((rows, k), dtype=dtype)
+        self.eb = cupy.empty(n * rows if rows < c else 0, dtype=dtype)
 
     def norms(self, flat, c, k, eps):
         normalize_norm(flat, self.nu, c, k, 1, eps, True)

@@ -146,18 +146,11 @@ class FusedMarginHeadNumba(FusedHeadAdapter):
         self.tmp = self.buf = None
         self.parallel = False
 
-    def _workspace(self, n, c, k, dtype):
-        if self.z is None or self.z.shape != (n, c) or self.z.dtype != dtype:
-            self.z = np.empty((n, c), dtype=dtype)
-            self.e = np.empty((n, c), dtype=dtype)
-            self.nu = np.empty(c, dtype=dtype)
-            self.inv_nu = np.empty(c, dtype=dtype)
-            self.rmax, self.rsum, self.u = np.empty(n), np.empty(n), np.zeros(n)
-            rows = max(1, min(c, WEIGHT_BLOCK_BYTES // (k * dtype.itemsize)))
-            self.tmp = np.empty((rows, k), dtype=dtype)
-            self.xs = np.empty((n, k), dtype=dtype)
-            self.parallel = parallel_for(n * c, between_gemms=True)
-            self.buf = scratch(dtype, num_chunks(self.parallel, n), BLOCK)[0]
+    def engine_workspace(self, n, c, k, dtype):
+        rows = max(1, min(c, WEIGHT_BLOCK_BYTES // (k * dtype.itemsize)))
+        self.tmp = np.empty((rows, k), dtype=dtype)
+        self.parallel = parallel_for(n * c, between_gemms=True)
+        self.buf = scratch(dtype, num_chunks(self.parallel, n), BLOCK)[0]
 
     def norms(self, flat, c, k, eps):
         weight_norms(flat, self.nu, eps, self.parallel, self.buf)

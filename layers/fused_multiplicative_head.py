@@ -13,6 +13,7 @@ from netlite.layers.fused_margin_head import (
     FusedMarginHeadLayer,
     logit_data,
     logit_diff,
+    loss_and_readers_problem,
 )
 from netlite.layers.large_margin_inner_product import LargeMarginInnerProductLayer
 from netlite.layers.margin_inner_product import EXACT, MarginInnerProductLayer
@@ -142,8 +143,4 @@ def _why_not(net, i):
     if (not isinstance(loss, SoftmaxWithLossLayer)
             or net.bottom_vecs[i + 1][0] is not top[0]):
         return "no SoftmaxWithLoss reads its top next"
-    if len(net.top_vecs[i + 1]) != 1 or loss.layer_param.softmax_param.axis != 1:
-        return "the SoftmaxWithLoss has a second top or a softmax axis other than 1"
-    if sum(b is top[0] for vec in net.bottom_vecs for b in vec) != 1:
-        return f"the top of {fc.name} has another reader"
-    return ""
+    return loss_and_readers_problem(net, [i, i + 1])

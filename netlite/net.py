@@ -280,12 +280,8 @@ class Net:
         )
         self._share_weights()
         # Chains a fast engine runs as one computation (netlite.fusion).
-        self._heads_from, self._heads_to, self._head_of = {}, {}, {}
-        for head in fusion.plan(self):
-            self._heads_from[head.first] = head
-            self._heads_to[head.last] = head
-            for j in range(head.first, head.last + 1):
-                self._head_of[j] = head
+        self._head_of = {j: head for head in fusion.plan(self)
+                         for j in range(head.first, head.last + 1)}
         logger.info("Network initialization done.")
 
     def _new_blob(self, name):
@@ -420,8 +416,9 @@ class Net:
         loss = 0.0
         i = start
         while i <= end:
-            head = self._heads_from.get(i)
-            if head is not None and head.last <= end and head.fuses_now():
+            head = self._head_of.get(i)
+            if (head is not None and head.first == i and head.last <= end
+                    and head.fuses_now()):
                 loss += head.forward(head.bottom_vec, head.top_vec)
                 if self.debug_info:
                     logger.info("    [Forward] Fused %s", head.describe_chain())
@@ -429,7 +426,6 @@ class Net:
                         self._forward_debug_info(j)
                 i = head.last + 1
                 continue
-            head = self._head_of.get(i)
             if head is not None and head.ran_fused:
                 head.unfuse()  # a layer of a fused chain runs on its own
             loss += self.layers[i].forward(self.bottom_vecs[i], self.top_vecs[i])
@@ -441,7 +437,7 @@ class Net:
     def fused_heads(self):
         """The layer chains this net runs fused when it can
         (:mod:`netlite.fusion`), in layer order."""
-        return list(self._heads_from.values())
+        return list(dict.fromkeys(self._head_of.values()))
 
     def backward_from_to(self, start, end):
         """Backward layers ``start`` down to ``end`` (inclusive).
@@ -449,15 +445,15 @@ class Net:
         A chain whose last forward ran fused runs its fused backward when
         it lies wholly in the range; otherwise its layers first rerun their
         own forwards (:meth:`netlite.fusion` heads' ``unfuse``)."""
-        for head in self._heads_from.values():
+        for head in self.fused_heads():
             overlaps = head.first <= start and head.last >= end
             inside = head.first >= end and head.last <= start
             if head.ran_fused and overlaps and not inside:
                 head.unfuse()
         i = start
         while i >= end:
-            head = self._heads_to.get(i)
-            if head is not None and head.ran_fused:
+            head = self._head_of.get(i)
+            if head is not None and head.last == i and head.ran_fused:
                 if any(self.layer_need_backward[head.first:head.last + 1]):
                     head.backward(head.top_vec, head.propagate_down, head.bottom_vec)
                     if self.debug_info:

@@ -643,3 +643,26 @@ def test_published_prototxts_fuse_and_equal_their_layers():
             err = float(np.abs(outs[0][key] - b).max(initial=0.0))
             scale = max(float(np.abs(b).max(initial=0.0)), floor)
             assert err <= TOL[np.float64] * scale, (name, key, err)
+
+
+def test_the_heads_reference_engine_runs_the_layers():
+    # On the numpy engine the head's own forward/backward are the layers'
+    # (with the Net's flags per layer), so the head is a complete Layer.
+    _, plain = run(head_net(margin="arc", scale_param="lr_mult: 1"), False, steps=1)
+    net, _ = run(head_net(margin="arc", scale_param="lr_mult: 1"), False, steps=0)
+    netlite.set_cpu_engine("numpy")
+    net.forward(end="norm")
+    net.clear_param_diffs()
+    head = net.fused_heads()[0]
+    head.forward(head.bottom_vec, head.top_vec)
+    head.backward(head.top_vec, head.propagate_down, head.bottom_vec)
+    net.backward(start="norm")
+    assert head.engine == "numpy"
+    for key in ("x", "xn", "cos", "cos_m", "logits"):
+        for side in ("data", "diff"):
+            np.testing.assert_allclose(getattr(net.blobs[key], side),
+                                       plain[f"{key}.{side}"], rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(net.params["fc"][0].diff, plain["fc[0].diff"],
+                               rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(net.params["scale"][0].diff, plain["scale[0].diff"],
+                               rtol=1e-11, atol=1e-13)
